@@ -1,0 +1,1 @@
+//! IMAP: the pre-auth session (pure), replies, backend login.

@@ -1,0 +1,1 @@
+//! `decide`: the account rules as a pure function. (Being written.)

@@ -1,0 +1,1 @@
+//! SMTP submission: the pre-auth session (pure), replies, backend login.
