@@ -43,6 +43,51 @@ pub struct Rate {
     pub per: Duration,
 }
 
+/// Parses `500ms`, `30s`, `5m`, `24h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (write e.g. 30s, 5m, 24h)"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{s}` is not a duration (units: ms, s, m, h, d)")),
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is too long"))
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let (count, per) = s.split_once('/').ok_or_else(|| {
+            serde::de::Error::custom(format!("`{s}` is not a rate (write e.g. 10/1m)"))
+        })?;
+        let count = count
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("`{s}`: `{count}` is not a count")))?;
+        let per = parse_duration(per).map_err(serde::de::Error::custom)?;
+        Ok(Rate { count, per })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -241,8 +286,14 @@ impl Default for Limits {
             max_auth_attempts: 3,
             auth_failure_delay: HumanDuration(Duration::from_secs(2)),
             auth_failure_max_delay: HumanDuration(Duration::from_secs(15)),
-            failures_per_ip: Rate { count: 10, per: Duration::from_secs(60) },
-            failures_per_user: Rate { count: 30, per: Duration::from_secs(3600) },
+            failures_per_ip: Rate {
+                count: 10,
+                per: Duration::from_secs(60),
+            },
+            failures_per_user: Rate {
+                count: 30,
+                per: Duration::from_secs(3600),
+            },
             trusted_networks: Vec::new(),
             trusted_proxies: Vec::new(),
         }
@@ -257,7 +308,9 @@ pub struct ShutdownConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { drain_timeout: HumanDuration(Duration::from_secs(30)) }
+        ShutdownConfig {
+            drain_timeout: HumanDuration(Duration::from_secs(30)),
+        }
     }
 }
 
@@ -313,7 +366,14 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
-            Some(line) => write!(f, "{}:{}: {}: {}", self.file.display(), line, self.key, self.message),
+            Some(line) => write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file.display(),
+                line,
+                self.key,
+                self.message
+            ),
             None => write!(f, "{}: {}: {}", self.file.display(), self.key, self.message),
         }
     }
