@@ -151,6 +151,9 @@ pub struct ListenerConfig {
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub certificates: Vec<CertificateConfig>,
+    /// Make a self-signed development certificate on start when the files are missing.
+    #[serde(default)]
+    pub self_signed_if_missing: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -6,4 +6,8 @@ pub mod config;
 pub mod imap;
 pub mod login;
 pub mod policy;
+pub mod relay;
+pub mod routing;
+pub mod shutdown;
 pub mod smtp;
+pub mod tls;
