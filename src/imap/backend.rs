@@ -1,0 +1,491 @@
+//! IMAP backend login: connect, read the greeting, send `ID` with the client's real address,
+//! log in (master user or the client's own credentials), learn the post-login capabilities.
+//!
+//! mailgate uses its own tags (`mg1`, `mg2`, ...) here; the client's tag is used only in the
+//! reply mailgate writes to the client. Backend texts never reach the client: a refusal comes
+//! back as a response code (or none) and the caller maps it.
+
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::routing::ImapLogin;
+
+/// Longest backend response mailgate reads during login (lines plus literals).
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// What a backend login needs.
+pub struct LoginRequest<'a> {
+    /// The full address the backend knows the user by.
+    pub user: &'a str,
+    /// The client's password; sent only in passthrough mode.
+    pub password: &'a [u8],
+    pub login: &'a ImapLogin,
+    /// `ID` fields, in order: mailgate's `x-` fields, then the client's own.
+    pub id: &'a [(String, String)],
+    pub connect_timeout: Duration,
+    /// For the whole exchange after connect.
+    pub login_timeout: Duration,
+}
+
+/// A logged-in backend connection, ready to splice.
+#[derive(Debug)]
+pub struct BackendSession {
+    pub stream: TcpStream,
+    /// The post-login capability list, space-separated.
+    pub capabilities: String,
+    /// Bytes the backend sent after the login reply (normally none): forward them first.
+    pub leftover: BytesMut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Could not connect, or the backend said BYE at once: another backend may serve.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The backend refused the login (tagged NO), with its response code if it gave one.
+    #[error("login refused{}", code.as_deref().map(|c| format!(" [{c}]")).unwrap_or_default())]
+    Refused { code: Option<String> },
+    /// The backend broke the protocol, closed, or was too slow after connect.
+    #[error("backend failed: {0}")]
+    Failed(String),
+}
+
+impl BackendError {
+    /// Whether the next backend in the user's order should be tried.
+    pub fn try_next(&self) -> bool {
+        matches!(self, BackendError::Unreachable(_))
+    }
+}
+
+/// Connects to `address` and logs in as `request.user`.
+///
+/// # Errors
+/// `Unreachable` when the connection fails (try the next backend), `Refused` when the
+/// backend says NO, `Failed` for anything else.
+pub async fn login(
+    address: &str,
+    request: &LoginRequest<'_>,
+) -> Result<BackendSession, BackendError> {
+    let stream = tokio::time::timeout(request.connect_timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| BackendError::Unreachable(format!("{address}: connect timed out")))?
+        .map_err(|e| BackendError::Unreachable(format!("{address}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let conn = Conn {
+        stream,
+        buf: BytesMut::with_capacity(1024),
+        next_tag: 1,
+    };
+    tokio::time::timeout(request.login_timeout, conn.log_in(request))
+        .await
+        .map_err(|_| BackendError::Failed(format!("{address}: login timed out")))?
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    next_tag: u32,
+}
+
+impl Conn {
+    async fn log_in(mut self, request: &LoginRequest<'_>) -> Result<BackendSession, BackendError> {
+        let greeting = self.read_response().await?;
+        let mut capabilities = match parse(&greeting) {
+            Response::Untagged {
+                status: Some(Status::Ok),
+                code,
+                ..
+            } => capability_code(code),
+            Response::Untagged {
+                status: Some(Status::Bye),
+                ..
+            } => return Err(BackendError::Unreachable("greeted with BYE".into())),
+            Response::Untagged {
+                status: Some(Status::PreAuth),
+                ..
+            } => return Err(BackendError::Failed("greeted with PREAUTH: refused".into())),
+            _ => return Err(BackendError::Failed("unexpected greeting".into())),
+        };
+        if capabilities.is_none() {
+            capabilities = Some(self.capability().await?);
+        }
+        let caps = capabilities.unwrap_or_default();
+        if has_capability(&caps, "ID") && !request.id.is_empty() {
+            let tag = self.tag();
+            let line = format!("{tag} ID {}\r\n", id_list(request.id));
+            self.send(line.as_bytes()).await?;
+            // The answer does not matter: an older backend may say BAD, and login goes on.
+            self.read_tagged(&tag, &mut None).await?;
+        }
+
+        let tag = self.tag();
+        let mut after_login = None;
+        match request.login {
+            ImapLogin::Master { user, password } => {
+                let mut plain = Vec::with_capacity(request.user.len() + user.len() + 64);
+                plain.extend_from_slice(request.user.as_bytes());
+                plain.push(0);
+                plain.extend_from_slice(user.as_bytes());
+                plain.push(0);
+                plain.extend_from_slice(password.expose().as_bytes());
+                let b64 = base64::engine::general_purpose::STANDARD.encode(&plain);
+                if has_capability(&caps, "SASL-IR") {
+                    self.send(format!("{tag} AUTHENTICATE PLAIN {b64}\r\n").as_bytes())
+                        .await?;
+                } else {
+                    self.send(format!("{tag} AUTHENTICATE PLAIN\r\n").as_bytes())
+                        .await?;
+                    self.expect_continuation(&tag).await?;
+                    self.send(format!("{b64}\r\n").as_bytes()).await?;
+                }
+            }
+            ImapLogin::Passthrough => {
+                let user = request.user.as_bytes();
+                let pass = request.password;
+                if has_capability(&caps, "LITERAL+") {
+                    let mut cmd = format!("{tag} LOGIN {{{}+}}\r\n", user.len()).into_bytes();
+                    cmd.extend_from_slice(user);
+                    cmd.extend_from_slice(format!(" {{{}+}}\r\n", pass.len()).as_bytes());
+                    cmd.extend_from_slice(pass);
+                    cmd.extend_from_slice(b"\r\n");
+                    self.send(&cmd).await?;
+                } else {
+                    self.send(format!("{tag} LOGIN {{{}}}\r\n", user.len()).as_bytes())
+                        .await?;
+                    self.expect_continuation(&tag).await?;
+                    let mut cmd = user.to_vec();
+                    cmd.extend_from_slice(format!(" {{{}}}\r\n", pass.len()).as_bytes());
+                    self.send(&cmd).await?;
+                    self.expect_continuation(&tag).await?;
+                    let mut cmd = pass.to_vec();
+                    cmd.extend_from_slice(b"\r\n");
+                    self.send(&cmd).await?;
+                }
+            }
+        }
+        let (status, code) = self.read_tagged(&tag, &mut after_login).await?;
+        match status {
+            Status::Ok => {}
+            Status::No => {
+                return Err(BackendError::Refused {
+                    code: code.map(|c| c.0),
+                })
+            }
+            _ => return Err(BackendError::Failed("login answered BAD".into())),
+        }
+        let capabilities = match code.filter(|c| c.0.eq_ignore_ascii_case("CAPABILITY")) {
+            Some(CodeOwned(_, caps)) => caps,
+            None => match after_login {
+                Some(caps) => caps,
+                None => self.capability().await?,
+            },
+        };
+        Ok(BackendSession {
+            stream: self.stream,
+            capabilities,
+            leftover: self.buf,
+        })
+    }
+
+    fn tag(&mut self) -> String {
+        let tag = format!("mg{}", self.next_tag);
+        self.next_tag += 1;
+        tag
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| BackendError::Failed(format!("write: {e}")))
+    }
+
+    /// `CAPABILITY`, returning the untagged list.
+    async fn capability(&mut self) -> Result<String, BackendError> {
+        let tag = self.tag();
+        self.send(format!("{tag} CAPABILITY\r\n").as_bytes())
+            .await?;
+        let mut caps = None;
+        let (status, _) = self.read_tagged(&tag, &mut caps).await?;
+        match (status, caps) {
+            (Status::Ok, Some(caps)) => Ok(caps),
+            _ => Err(BackendError::Failed("CAPABILITY failed".into())),
+        }
+    }
+
+    async fn expect_continuation(&mut self, tag: &str) -> Result<(), BackendError> {
+        loop {
+            let response = self.read_response().await?;
+            match parse(&response) {
+                Response::Continue => return Ok(()),
+                Response::Tagged {
+                    tag: t,
+                    status: Status::No,
+                    code,
+                    ..
+                } if t == tag => {
+                    return Err(BackendError::Refused {
+                        code: code.map(|c| c.0.to_string()),
+                    })
+                }
+                Response::Tagged { .. } => {
+                    return Err(BackendError::Failed("expected a continuation".into()))
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads responses until the one tagged `tag`; an untagged CAPABILITY on the way is kept
+    /// in `capabilities`.
+    async fn read_tagged(
+        &mut self,
+        tag: &str,
+        capabilities: &mut Option<String>,
+    ) -> Result<(Status, Option<CodeOwned>), BackendError> {
+        loop {
+            let response = self.read_response().await?;
+            match parse(&response) {
+                Response::Tagged {
+                    tag: t,
+                    status,
+                    code,
+                    ..
+                } if t == tag => {
+                    return Ok((
+                        status,
+                        code.map(|c| CodeOwned(c.0.to_string(), c.1.to_string())),
+                    ))
+                }
+                Response::Capability(list) => *capabilities = Some(list.to_string()),
+                Response::Untagged {
+                    status: Some(Status::Bye),
+                    ..
+                } => return Err(BackendError::Failed("backend said BYE".into())),
+                Response::Tagged { .. } | Response::Continue => {
+                    return Err(BackendError::Failed("unexpected response".into()))
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// One whole response: a line, and for each literal it announces, the literal and the rest
+    /// of the line. Bounded by `MAX_RESPONSE`.
+    async fn read_response(&mut self) -> Result<Vec<u8>, BackendError> {
+        let mut response = Vec::new();
+        loop {
+            let line = self.read_line().await?;
+            let literal = literal_size(&line);
+            response.extend_from_slice(&line);
+            let Some(size) = literal else {
+                return Ok(response);
+            };
+            if response.len() + size > MAX_RESPONSE {
+                return Err(BackendError::Failed("response too long".into()));
+            }
+            while self.buf.len() < size {
+                self.fill().await?;
+            }
+            response.extend_from_slice(&self.buf.split_to(size));
+        }
+    }
+
+    /// A line including its CRLF.
+    async fn read_line(&mut self) -> Result<BytesMut, BackendError> {
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                return Ok(self.buf.split_to(pos + 2));
+            }
+            if self.buf.len() > MAX_RESPONSE {
+                return Err(BackendError::Failed("response line too long".into()));
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn fill(&mut self) -> Result<(), BackendError> {
+        self.buf.reserve(4096);
+        match self.stream.read_buf(&mut self.buf).await {
+            Ok(0) => Err(BackendError::Failed("backend closed the connection".into())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(BackendError::Failed(format!("read: {e}"))),
+        }
+    }
+}
+
+/// `{123}` or `{123+}` at the end of a line (before CRLF).
+fn literal_size(line: &[u8]) -> Option<usize> {
+    let line = line.strip_suffix(b"\r\n")?;
+    let line = line.strip_suffix(b"}")?;
+    let line = line.strip_suffix(b"+").unwrap_or(line);
+    let open = line.iter().rposition(|&b| b == b'{')?;
+    let digits = line.get(open + 1..)?;
+    if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Ok,
+    No,
+    Bad,
+    Bye,
+    PreAuth,
+}
+
+/// A response code: its name and the rest inside the brackets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Code<'a>(&'a str, &'a str);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CodeOwned(String, String);
+
+#[derive(Debug, PartialEq, Eq)]
+enum Response<'a> {
+    Continue,
+    /// `* CAPABILITY ...`
+    Capability(&'a str),
+    /// `* OK|NO|BAD|BYE|PREAUTH [code] text`, or other untagged data (status None).
+    Untagged {
+        status: Option<Status>,
+        code: Option<Code<'a>>,
+    },
+    Tagged {
+        tag: &'a str,
+        status: Status,
+        code: Option<Code<'a>>,
+    },
+    Unparsable,
+}
+
+fn parse(response: &[u8]) -> Response<'_> {
+    let Ok(text) = std::str::from_utf8(response.strip_suffix(b"\r\n").unwrap_or(response)) else {
+        return Response::Unparsable;
+    };
+    if text == "+" || text.starts_with("+ ") {
+        return Response::Continue;
+    }
+    let Some((tag, rest)) = text.split_once(' ') else {
+        return Response::Unparsable;
+    };
+    let (word, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+    let status = match word.to_ascii_uppercase().as_str() {
+        "OK" => Some(Status::Ok),
+        "NO" => Some(Status::No),
+        "BAD" => Some(Status::Bad),
+        "BYE" => Some(Status::Bye),
+        "PREAUTH" => Some(Status::PreAuth),
+        "CAPABILITY" if tag == "*" => return Response::Capability(rest.trim()),
+        _ => None,
+    };
+    let code = rest
+        .strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .map(|(inside, _)| {
+            let (name, args) = inside.split_once(' ').unwrap_or((inside, ""));
+            Code(name, args)
+        });
+    match (tag, status) {
+        ("*", status) => Response::Untagged { status, code },
+        (tag, Some(status)) => Response::Tagged { tag, status, code },
+        _ => Response::Unparsable,
+    }
+}
+
+fn capability_code(code: Option<Code<'_>>) -> Option<String> {
+    code.filter(|c| c.0.eq_ignore_ascii_case("CAPABILITY"))
+        .map(|c| c.1.to_string())
+}
+
+fn has_capability(list: &str, name: &str) -> bool {
+    list.split_ascii_whitespace()
+        .any(|c| c.eq_ignore_ascii_case(name))
+}
+
+/// `("k" "v" ...)` with each string quoted; pairs whose key or value cannot be a quoted
+/// string (controls, 8-bit) are left out.
+fn id_list(fields: &[(String, String)]) -> String {
+    let quotable = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
+    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let items: Vec<String> = fields
+        .iter()
+        .filter(|(k, v)| quotable(k) && quotable(v))
+        .map(|(k, v)| format!("{} {}", quote(k), quote(v)))
+        .collect();
+    format!("({})", items.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_login_phase_responses() {
+        assert_eq!(parse(b"+ \r\n"), Response::Continue);
+        assert_eq!(parse(b"+\r\n"), Response::Continue);
+        assert_eq!(
+            parse(b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID] Dovecot ready.\r\n"),
+            Response::Untagged {
+                status: Some(Status::Ok),
+                code: Some(Code("CAPABILITY", "IMAP4rev1 SASL-IR ID")),
+            }
+        );
+        assert_eq!(
+            parse(b"* CAPABILITY IMAP4rev1 IDLE\r\n"),
+            Response::Capability("IMAP4rev1 IDLE")
+        );
+        assert_eq!(
+            parse(b"mg3 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+            Response::Tagged {
+                tag: "mg3",
+                status: Status::No,
+                code: Some(Code("AUTHENTICATIONFAILED", "")),
+            }
+        );
+        assert_eq!(
+            parse(b"mg3 no Login failed\r\n"),
+            Response::Tagged {
+                tag: "mg3",
+                status: Status::No,
+                code: None
+            }
+        );
+        assert_eq!(
+            parse(b"* PREAUTH hi\r\n"),
+            Response::Untagged {
+                status: Some(Status::PreAuth),
+                code: None
+            }
+        );
+        assert_eq!(parse(b"garbage\r\n"), Response::Unparsable);
+    }
+
+    #[test]
+    fn finds_literals_at_line_end() {
+        assert_eq!(literal_size(b"* ID (\"name\" {7}\r\n"), Some(7));
+        assert_eq!(literal_size(b"a LOGIN {5+}\r\n"), Some(5));
+        assert_eq!(literal_size(b"* OK {x}\r\n"), None);
+        assert_eq!(literal_size(b"* OK done\r\n"), None);
+        assert_eq!(literal_size(b"* OK {9999999999}\r\n"), None);
+    }
+
+    #[test]
+    fn id_list_quotes_and_drops_unquotable_pairs() {
+        let fields = vec![
+            ("x-originating-ip".to_string(), "192.0.2.7".to_string()),
+            ("name".to_string(), "Thunder\"bird\\".to_string()),
+            ("evil".to_string(), "a\r\nb".to_string()),
+        ];
+        assert_eq!(
+            id_list(&fields),
+            r#"("x-originating-ip" "192.0.2.7" "name" "Thunder\"bird\\")"#
+        );
+    }
+}
