@@ -1,4 +1,22 @@
 //! mailgate: an IMAP and SMTP-submission reverse proxy.
+//!
+//! A client connects to a listener (`server`), gets TLS (`tls`), talks to a pure pre-auth
+//! session (`imap::session`, `smtp::session`) until it logs in; the login is checked against
+//! the account rules (`accounts`, `policy`, `login`), routed to a pool and a backend
+//! (`routing`), logged in there (`imap::backend`, `smtp::backend`), and then spliced
+//! (`relay`) until either side closes.
+//!
+//! # Layout
+//!
+//! - `config`: the YAML schema, defaults and validation (file:line:key errors).
+//! - `server`: listeners, accept loop, connection tasks, drain; `shutdown`: the phases.
+//! - `tls`: rustls server config, certificate by SNI, development certificate.
+//! - `imap/`, `smtp/`: per protocol, the pure session, the reply mapping, the backend login
+//!   and the connection driver (`proxy`).
+//! - `accounts/`: account data, password verification and its cache; `policy`: the rules.
+//! - `login`: the outcome words and the authorize step both protocols share.
+//! - `routing`: login → pool → backend order (rendezvous hashing).
+//! - `relay`: the splice.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -8,6 +26,16 @@ pub mod login;
 pub mod policy;
 pub mod relay;
 pub mod routing;
+pub mod server;
 pub mod shutdown;
 pub mod smtp;
 pub mod tls;
+
+/// Binds every listener of `config` and serves until `shutdown` says stop.
+///
+/// # Errors
+/// Anything that stops the server from starting (certificates, account data, binding).
+pub async fn run(config: config::Config, shutdown: shutdown::Shutdown) -> anyhow::Result<()> {
+    server::Server::bind(config).await?.serve(shutdown).await;
+    Ok(())
+}

@@ -2,7 +2,13 @@
 //! the session log line and in `mailgate_logins_total{result}`), mapped to the wire in
 //! `imap::reply` and `smtp::reply`.
 
+use std::sync::Arc;
+
+use crate::accounts::Account;
 use crate::config::{Messages, Protocol};
+use crate::policy::Decision;
+use crate::routing::Route;
+use crate::server::Context;
 
 /// Why a login ended the way it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,6 +78,43 @@ pub fn message(result: LoginResult, protocol: Protocol, messages: &Messages) -> 
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// A login that passed the account rules: where it goes and whose it is.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub route: Route,
+    pub account: Arc<Account>,
+}
+
+/// Authenticates a login name and password and applies the account rules: the step both
+/// protocols share between reading credentials and logging in to a backend.
+///
+/// A SASL authorization identity other than the user itself is refused (mailgate does not
+/// let one user act as another), after the same password work as any other login.
+///
+/// # Errors
+/// The refusal, as the `LoginResult` the client's reply is made from.
+pub async fn authorize(
+    context: &Context,
+    username: &str,
+    authzid: Option<&str>,
+    password: &[u8],
+    protocol: Protocol,
+) -> Result<Grant, LoginResult> {
+    let route = context.router.route(username);
+    // An unroutable name is verified as-is, against the dummy hash: same work, same answer.
+    let address = route
+        .as_ref()
+        .map(|r| r.address.clone())
+        .unwrap_or_else(|| username.to_lowercase());
+    let outcome = context.auth.authenticate(&address, password, protocol).await;
+    let authzid_ok = authzid.is_none_or(|z| context.router.normalize(z).as_deref() == Some(address.as_str()));
+    match (outcome.decision, route, outcome.account) {
+        (Decision::Allow, Some(route), Some(account)) if authzid_ok => Ok(Grant { route, account }),
+        (Decision::Deny(result), _, _) => Err(result),
+        _ => Err(LoginResult::InvalidCredentials),
+    }
 }
 
 #[cfg(test)]

@@ -1,1 +1,170 @@
-fn main() {}
+//! The `mailgate` command: parse the command line, load the config, call the library.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
+
+use mailgate::config::Config;
+use mailgate::shutdown::{self, Phase};
+
+#[derive(Parser)]
+#[command(name = "mailgate", version, about = "IMAP and SMTP-submission reverse proxy")]
+struct Cli {
+    /// Log format: `text` for a terminal, `json` for log pipelines.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, default_value = "config/mailgate.yaml")]
+        config: PathBuf,
+    },
+    /// Validate the config and the account data, then exit.
+    Check {
+        #[arg(long, default_value = "config/mailgate.yaml")]
+        config: PathBuf,
+    },
+    /// Read a password on standard input and print its argon2id hash (PHC string).
+    HashPassword,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Check { config } => check(&config),
+        Command::HashPassword => hash_password(),
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(config) => Some(config),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            None
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(2);
+    };
+    let store = match mailgate::accounts::AccountStore::load(&config.accounts.path) {
+        Ok(store) => store,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    for note in config.notes() {
+        println!("note: {note}");
+    }
+    println!(
+        "{}: ok ({} listeners, {} pools, {} accounts in {})",
+        path.display(),
+        config.listeners.len(),
+        config.pools.len(),
+        store.len(),
+        config.accounts.path.display()
+    );
+    ExitCode::SUCCESS
+}
+
+fn hash_password() -> ExitCode {
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+        eprintln!("error: reading standard input: {e}");
+        return ExitCode::from(2);
+    }
+    // One line: drop the newline the shell or `echo` added.
+    while matches!(input.last(), Some(b'\n' | b'\r')) {
+        input.pop();
+    }
+    if input.is_empty() {
+        eprintln!("error: no password on standard input");
+        return ExitCode::from(2);
+    }
+    println!("{}", mailgate::accounts::hash_password(&input));
+    ExitCode::SUCCESS
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let (trigger, shutdown) = shutdown::channel();
+        let server = match mailgate::server::Server::bind(config).await {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            eprintln!("error: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {
+                        // First SIGTERM drains; a second one closes at once.
+                        let next = if trigger.subscribe().phase() == Phase::Running { Phase::Draining } else { Phase::Closing };
+                        tracing::info!(?next, "SIGTERM");
+                        trigger.advance(next);
+                    }
+                    _ = int.recv() => {
+                        tracing::info!("SIGINT: closing now");
+                        trigger.advance(Phase::Closing);
+                    }
+                }
+            }
+        });
+        server.serve(shutdown).await;
+        ExitCode::SUCCESS
+    })
+}

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -46,6 +47,8 @@ pub struct Pool {
     pub backend_tls: BackendTls,
     pub imap_login: ImapLogin,
     pub smtp_login: SmtpLogin,
+    /// How long a backend connect may take (the pool's health timeout).
+    pub connect_timeout: Duration,
 }
 
 impl Pool {
@@ -136,6 +139,7 @@ impl Router {
                     backend_tls: pool.backend_tls,
                     imap_login,
                     smtp_login: pool.smtp_login,
+                    connect_timeout: pool.health.timeout.0,
                 }),
             );
         }
@@ -223,6 +227,7 @@ mod tests {
             backend_tls: BackendTls::None,
             imap_login: ImapLogin::Passthrough,
             smtp_login: SmtpLogin::Xclient,
+            connect_timeout: Duration::from_secs(1),
         }
     }
 

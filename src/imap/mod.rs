@@ -1,3 +1,4 @@
 //! IMAP: the pre-auth session (pure), replies, backend login.
 pub mod backend;
 pub mod reply;
+pub mod proxy;

@@ -1,0 +1,311 @@
+//! The IMAP connection driver: owns the socket, runs TLS, feeds the pure pre-auth session,
+//! authorizes logins, logs in to the backend and splices.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::{ListenerTls, Protocol};
+use crate::imap::backend::{self, BackendError, BackendSession, LoginRequest};
+use crate::imap::reply;
+use crate::imap::session::{Credentials, Event, PreAuth, SessionConfig, BYE_SHUTDOWN, BYE_TIMEOUT};
+use crate::login::{authorize, Grant, LoginResult};
+use crate::relay::{self, RelayEnd};
+use crate::server::{Connection, SessionLog};
+use crate::shutdown::Phase;
+
+/// How long mailgate waits for the backend to finish logging in once connected.
+const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a goodbye may take to write.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves one IMAP client connection to its end and leaves one log line.
+pub async fn serve(mut conn: Connection, tcp: TcpStream) {
+    let mut log = SessionLog::new();
+    let deadline = Instant::now() + conn.context.config.limits.preauth_timeout.0;
+    match conn.listener.config.tls {
+        ListenerTls::None => {
+            let cfg = SessionConfig {
+                tls_active: false,
+                starttls_offered: false,
+            };
+            let _ = session(&mut conn, &mut log, tcp, cfg, true, deadline).await;
+        }
+        ListenerTls::Implicit => {
+            if let Some(tls) = handshake(&conn, &mut log, tcp).await {
+                let cfg = SessionConfig {
+                    tls_active: true,
+                    starttls_offered: false,
+                };
+                let _ = session(&mut conn, &mut log, tls, cfg, true, deadline).await;
+            }
+        }
+        ListenerTls::Starttls => {
+            let cfg = SessionConfig {
+                tls_active: false,
+                starttls_offered: true,
+            };
+            if let Some(tcp) = session(&mut conn, &mut log, tcp, cfg, true, deadline).await {
+                if let Some(tls) = handshake(&conn, &mut log, tcp).await {
+                    let cfg = SessionConfig {
+                        tls_active: true,
+                        starttls_offered: false,
+                    };
+                    // No new greeting after STARTTLS (RFC 3501 6.2.1).
+                    let _ = session(&mut conn, &mut log, tls, cfg, false, deadline).await;
+                }
+            }
+        }
+    }
+    log.emit(&conn);
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+async fn handshake(conn: &Connection, log: &mut SessionLog, tcp: TcpStream) -> Option<TlsStream> {
+    let Some(tls) = conn.context.tls.as_ref() else {
+        log.end = "tls_unconfigured";
+        return None;
+    };
+    let limit = conn.context.config.limits.handshake_timeout.0;
+    match tokio::time::timeout(limit, tls.acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!(session = %conn.id, error = %e, "TLS handshake failed");
+            log.end = "tls_handshake_failed";
+            None
+        }
+        Err(_) => {
+            log.end = "tls_handshake_timeout";
+            None
+        }
+    }
+}
+
+/// Runs the pre-auth session on `stream` and, after a login, the splice. Returns the stream
+/// only when the client asked for STARTTLS (everything it pipelined is dropped with the
+/// session).
+async fn session<S>(
+    conn: &mut Connection,
+    log: &mut SessionLog,
+    mut stream: S,
+    cfg: SessionConfig,
+    greet: bool,
+    deadline: Instant,
+) -> Option<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut session = PreAuth::new(cfg);
+    let mut pending: Vec<u8> = if greet { session.greeting() } else { Vec::new() };
+    let mut step = session.input(&[]);
+    let mut attempts = 0u32;
+    let max_attempts = conn.context.config.limits.max_auth_attempts;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        pending.append(&mut step.write);
+        if !pending.is_empty() {
+            if write(&mut stream, &pending).await.is_err() {
+                log.end = "client_gone";
+                return None;
+            }
+            pending.clear();
+        }
+        step = match step.event.take() {
+            None => {
+                let read = tokio::select! {
+                    r = stream.read(&mut buf) => r,
+                    () = tokio::time::sleep_until(deadline) => {
+                        goodbye(&mut stream, BYE_TIMEOUT).await;
+                        log.end = "preauth_timeout";
+                        return None;
+                    }
+                    () = conn.shutdown.reached(Phase::Draining) => {
+                        goodbye(&mut stream, BYE_SHUTDOWN).await;
+                        log.end = "shutdown";
+                        return None;
+                    }
+                };
+                match read {
+                    Ok(0) | Err(_) => {
+                        log.end = "client_gone";
+                        return None;
+                    }
+                    Ok(n) => session.input(buf.get(..n).unwrap_or_default()),
+                }
+            }
+            Some(Event::StartTls) => return Some(stream),
+            Some(Event::TlsRequired) => {
+                log.result = LoginResult::TlsRequired.as_str();
+                session.input(&[])
+            }
+            Some(Event::Logout) => {
+                log.end = "logout";
+                return None;
+            }
+            Some(Event::Close) => {
+                log.end = "protocol_error";
+                return None;
+            }
+            Some(Event::Login(credentials)) => {
+                attempts += 1;
+                log.user = Some(credentials.username.clone());
+                match log_in(conn, &session, &credentials).await {
+                    Ok((grant, address, backend)) => {
+                        log.backend = Some(address);
+                        log.result = LoginResult::Ok.as_str();
+                        let pipelined = session.into_pipelined();
+                        splice(conn, log, stream, &credentials.tag, grant, backend, &pipelined).await;
+                        return None;
+                    }
+                    Err(result) => {
+                        log.result = result.as_str();
+                        pending = reply::refused(&credentials.tag, result, &conn.context.config.messages);
+                        if attempts >= max_attempts {
+                            pending.extend_from_slice(b"* BYE Too many failed logins\r\n");
+                            let _ = write(&mut stream, &pending).await;
+                            log.end = "too_many_attempts";
+                            return None;
+                        }
+                        session.input(&[])
+                    }
+                }
+            }
+        };
+    }
+}
+
+/// Account rules, then the backends in the user's order.
+async fn log_in(
+    conn: &Connection,
+    session: &PreAuth,
+    credentials: &Credentials,
+) -> Result<(Grant, String, BackendSession), LoginResult> {
+    let grant = authorize(
+        &conn.context,
+        &credentials.username,
+        credentials.authzid.as_deref(),
+        credentials.password.as_bytes(),
+        Protocol::Imap,
+    )
+    .await?;
+    let pool = &grant.route.pool;
+    let mut id = vec![
+        ("x-originating-ip".to_string(), conn.peer.ip().to_string()),
+        ("x-originating-port".to_string(), conn.peer.port().to_string()),
+        ("x-connected-ip".to_string(), conn.local_addr().ip().to_string()),
+        ("x-connected-port".to_string(), conn.local_addr().port().to_string()),
+        ("x-session-id".to_string(), conn.id.clone()),
+    ];
+    // The client's own fields, but never an `x-` one: those tell the backend things
+    // (addresses, forwarded user fields) that only mailgate may say.
+    id.extend(
+        session
+            .client_id()
+            .iter()
+            .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("x-"))
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone()))),
+    );
+    let request = LoginRequest {
+        user: &grant.route.address,
+        password: credentials.password.as_bytes(),
+        login: &pool.imap_login,
+        id: &id,
+        connect_timeout: pool.connect_timeout,
+        login_timeout: BACKEND_LOGIN_TIMEOUT,
+    };
+    for backend in pool.order(Protocol::Imap, &grant.route.address) {
+        match backend::login(&backend.address, &request).await {
+            Ok(session) => {
+                tracing::debug!(session = %conn.id, backend = %backend.address, "backend login ok");
+                return Ok((grant, backend.address.clone(), session));
+            }
+            Err(e) if e.try_next() => {
+                tracing::warn!(session = %conn.id, pool = %pool.name, backend = %backend.address, error = %e, "backend unreachable; trying the next");
+            }
+            Err(e) => {
+                tracing::warn!(session = %conn.id, pool = %pool.name, backend = %backend.address, error = %e, "backend login failed");
+                return Err(match e {
+                    BackendError::Refused { code } => refused_result(code.as_deref()),
+                    _ => LoginResult::BackendUnavailable,
+                });
+            }
+        }
+    }
+    Err(LoginResult::BackendUnavailable)
+}
+
+/// What a backend's `NO [CODE]` means for the client. Without a code it is a failed
+/// authentication; the backend's own text never reaches the client.
+fn refused_result(code: Option<&str>) -> LoginResult {
+    match code.map(str::to_ascii_uppercase).as_deref() {
+        Some("UNAVAILABLE") | Some("SERVERBUG") => LoginResult::BackendUnavailable,
+        Some("LIMIT") => LoginResult::TooManyConnections,
+        _ => LoginResult::InvalidCredentials,
+    }
+}
+
+async fn splice<S>(
+    conn: &mut Connection,
+    log: &mut SessionLog,
+    mut client: S,
+    tag: &str,
+    grant: Grant,
+    mut backend: BackendSession,
+    pipelined: &[u8],
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    log.user = Some(grant.route.address.clone());
+    log.pool = Some(grant.route.pool.name.clone());
+    let mut hello = reply::logged_in(tag, &backend.capabilities);
+    hello.extend_from_slice(&backend.leftover);
+    if write(&mut client, &hello).await.is_err() {
+        log.end = "client_gone";
+        return;
+    }
+    if !pipelined.is_empty() && backend.stream.write_all(pipelined).await.is_err() {
+        log.end = "backend_gone";
+        return;
+    }
+    log.client_to_backend += pipelined.len() as u64;
+    let idle = conn.context.config.limits.idle_timeout.0;
+    let (end, stats) = relay::splice(&mut client, &mut backend.stream, idle, &mut conn.shutdown).await;
+    log.client_to_backend += stats.client_to_backend;
+    log.backend_to_client += stats.backend_to_client;
+    log.end = end.as_str();
+    match end {
+        RelayEnd::Shutdown => goodbye(&mut client, BYE_SHUTDOWN).await,
+        RelayEnd::IdleTimeout => goodbye(&mut client, b"* BYE Idle for too long\r\n").await,
+        RelayEnd::Closed | RelayEnd::Error => {}
+    }
+}
+
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// Best effort: a last line and a close, bounded in time.
+async fn goodbye<S: AsyncWrite + Unpin>(stream: &mut S, line: &[u8]) {
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        write(stream, line).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_refusals_map_to_client_results() {
+        assert_eq!(refused_result(None), LoginResult::InvalidCredentials);
+        assert_eq!(refused_result(Some("AUTHENTICATIONFAILED")), LoginResult::InvalidCredentials);
+        assert_eq!(refused_result(Some("unavailable")), LoginResult::BackendUnavailable);
+        assert_eq!(refused_result(Some("LIMIT")), LoginResult::TooManyConnections);
+    }
+}
