@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod backend;
 pub mod config;
 pub mod imap;
 pub mod login;

@@ -12,6 +12,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub use crate::backend::BackendError;
+use crate::backend::connect;
 use crate::routing::ImapLogin;
 
 /// Longest backend response mailgate reads during login (lines plus literals).
@@ -41,26 +43,6 @@ pub struct BackendSession {
     pub leftover: BytesMut,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BackendError {
-    /// Could not connect, or the backend said BYE at once: another backend may serve.
-    #[error("unreachable: {0}")]
-    Unreachable(String),
-    /// The backend refused the login (tagged NO), with its response code if it gave one.
-    #[error("login refused{}", code.as_deref().map(|c| format!(" [{c}]")).unwrap_or_default())]
-    Refused { code: Option<String> },
-    /// The backend broke the protocol, closed, or was too slow after connect.
-    #[error("backend failed: {0}")]
-    Failed(String),
-}
-
-impl BackendError {
-    /// Whether the next backend in the user's order should be tried.
-    pub fn try_next(&self) -> bool {
-        matches!(self, BackendError::Unreachable(_))
-    }
-}
-
 /// Connects to `address` and logs in as `request.user`.
 ///
 /// # Errors
@@ -70,11 +52,7 @@ pub async fn login(
     address: &str,
     request: &LoginRequest<'_>,
 ) -> Result<BackendSession, BackendError> {
-    let stream = tokio::time::timeout(request.connect_timeout, TcpStream::connect(address))
-        .await
-        .map_err(|_| BackendError::Unreachable(format!("{address}: connect timed out")))?
-        .map_err(|e| BackendError::Unreachable(format!("{address}: {e}")))?;
-    let _ = stream.set_nodelay(true);
+    let stream = connect(address, request.connect_timeout).await?;
     let conn = Conn {
         stream,
         buf: BytesMut::with_capacity(1024),

@@ -1,1 +1,2 @@
 //! SMTP submission: the pre-auth session (pure), replies, backend login.
+pub mod backend;

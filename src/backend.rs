@@ -1,0 +1,41 @@
+//! What both protocols' backend logins share: the connect step and the error that says
+//! whether the next backend in the user's order may serve.
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Could not connect, or the backend turned us away at once (BYE / 421 greeting):
+    /// another backend may serve.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The backend refused the login, with its response code (IMAP) or reply code (SMTP)
+    /// if it gave one.
+    #[error("login refused{}", code.as_deref().map(|c| format!(" [{c}]")).unwrap_or_default())]
+    Refused { code: Option<String> },
+    /// The backend broke the protocol, closed, or was too slow after connect.
+    #[error("backend failed: {0}")]
+    Failed(String),
+}
+
+impl BackendError {
+    /// Whether the next backend in the user's order should be tried.
+    pub fn try_next(&self) -> bool {
+        matches!(self, BackendError::Unreachable(_))
+    }
+}
+
+/// Connects with a deadline and `TCP_NODELAY` (login exchanges are small round trips).
+///
+/// # Errors
+/// `Unreachable` on refusal, DNS failure or timeout.
+pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+        .await
+        .map_err(|_| BackendError::Unreachable(format!("{address}: connect timed out")))?
+        .map_err(|e| BackendError::Unreachable(format!("{address}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}

@@ -1,0 +1,304 @@
+//! SMTP backend side: probing a backend's EHLO extensions, and handing an authenticated
+//! session to it — by XCLIENT (Postfix: the backend treats the session as coming from the
+//! client's address, authenticated as the user), by `AUTH PLAIN` as a master user, or with
+//! the client's own credentials.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::backend::connect;
+pub use crate::backend::BackendError;
+use crate::config::{Secret, SmtpLogin};
+
+/// Longest reply line read from a backend (RFC 5321 says 512; be generous).
+const MAX_LINE: usize = 4096;
+/// Most lines in one multi-line reply (an EHLO reply has a few dozen at most).
+const MAX_LINES: usize = 128;
+
+/// What a backend login needs.
+pub struct LoginRequest<'a> {
+    /// The full address the backend knows the user by.
+    pub user: &'a str,
+    /// The client's password: sent only in passthrough mode.
+    pub password: &'a [u8],
+    pub mode: SmtpLogin,
+    /// Master credentials (the pool's IMAP master user), for `mode: master`.
+    pub master: Option<(&'a str, &'a Secret)>,
+    pub client: SocketAddr,
+    /// The client's EHLO/HELO name.
+    pub client_helo: &'a str,
+    /// mailgate's own name in its EHLO to the backend.
+    pub hostname: &'a str,
+    pub connect_timeout: Duration,
+    pub login_timeout: Duration,
+}
+
+/// A backend session in the client's name, ready to splice.
+#[derive(Debug)]
+pub struct BackendSession {
+    pub stream: TcpStream,
+    /// Bytes the backend sent past the last reply read (normally none).
+    pub leftover: BytesMut,
+}
+
+/// Connects to `address`, reads the greeting, says EHLO and returns the extension lines
+/// (without the first line, which is the server's name), then QUIT.
+///
+/// # Errors
+/// As for `login`.
+pub async fn probe(address: &str, hostname: &str, timeout: Duration) -> Result<Vec<String>, BackendError> {
+    let stream = connect(address, timeout).await?;
+    let mut conn = Conn::new(stream);
+    tokio::time::timeout(timeout, async {
+        conn.greeting().await?;
+        let extensions = conn.ehlo(hostname).await?;
+        let _ = conn.stream.write_all(b"QUIT\r\n").await;
+        Ok(extensions)
+    })
+    .await
+    .map_err(|_| BackendError::Failed(format!("{address}: EHLO probe timed out")))?
+}
+
+/// Connects to `address` and makes the session the client's.
+///
+/// # Errors
+/// `Unreachable` (try the next backend), `Refused` (the backend said no to the login or to
+/// XCLIENT), `Failed` for anything else.
+pub async fn login(address: &str, request: &LoginRequest<'_>) -> Result<BackendSession, BackendError> {
+    let stream = connect(address, request.connect_timeout).await?;
+    let mut conn = Conn::new(stream);
+    tokio::time::timeout(request.login_timeout, conn.log_in(request))
+        .await
+        .map_err(|_| BackendError::Failed(format!("{address}: login timed out")))??;
+    Ok(BackendSession {
+        stream: conn.stream,
+        leftover: conn.buf,
+    })
+}
+
+/// A reply: its code and its lines' texts (after the code and separator).
+#[derive(Debug, PartialEq, Eq)]
+struct Reply {
+    code: u16,
+    lines: Vec<String>,
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    fn new(stream: TcpStream) -> Conn {
+        Conn {
+            stream,
+            buf: BytesMut::with_capacity(1024),
+        }
+    }
+
+    async fn log_in(&mut self, request: &LoginRequest<'_>) -> Result<(), BackendError> {
+        let extensions = {
+            self.greeting().await?;
+            self.ehlo(request.hostname).await?
+        };
+        match request.mode {
+            SmtpLogin::Xclient => {
+                if !extensions.iter().any(|e| keyword(e) == "XCLIENT") {
+                    return Err(BackendError::Failed(
+                        "backend does not offer XCLIENT to mailgate (check smtpd_authorized_xclient_hosts)".into(),
+                    ));
+                }
+                let command = xclient_command(request.client, request.user, request.client_helo);
+                self.send(command.as_bytes()).await?;
+                let reply = self.reply().await?;
+                if reply.code != 220 {
+                    return Err(BackendError::Refused {
+                        code: Some(reply.code.to_string()),
+                    });
+                }
+                // The session restarts as the client's; the client's own EHLO name goes
+                // again, and the reply was already given to the client by mailgate.
+                self.ehlo(request.client_helo).await?;
+            }
+            SmtpLogin::Master => {
+                let Some((master, secret)) = request.master else {
+                    return Err(BackendError::Failed("master mode without master credentials".into()));
+                };
+                self.auth_plain(request.user, master, secret.expose().as_bytes()).await?;
+            }
+            SmtpLogin::Passthrough => {
+                self.auth_plain("", request.user, request.password).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn auth_plain(&mut self, authzid: &str, authcid: &str, password: &[u8]) -> Result<(), BackendError> {
+        let mut plain = Vec::with_capacity(authzid.len() + authcid.len() + password.len() + 2);
+        plain.extend_from_slice(authzid.as_bytes());
+        plain.push(0);
+        plain.extend_from_slice(authcid.as_bytes());
+        plain.push(0);
+        plain.extend_from_slice(password);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&plain);
+        self.send(format!("AUTH PLAIN {b64}\r\n").as_bytes()).await?;
+        let reply = self.reply().await?;
+        match reply.code {
+            235 => Ok(()),
+            code => Err(BackendError::Refused {
+                code: Some(code.to_string()),
+            }),
+        }
+    }
+
+    async fn greeting(&mut self) -> Result<(), BackendError> {
+        let reply = self.reply().await?;
+        match reply.code {
+            220 => Ok(()),
+            421 | 554 => Err(BackendError::Unreachable(format!("greeted with {}", reply.code))),
+            code => Err(BackendError::Failed(format!("unexpected greeting {code}"))),
+        }
+    }
+
+    /// EHLO; the extension lines.
+    async fn ehlo(&mut self, name: &str) -> Result<Vec<String>, BackendError> {
+        self.send(format!("EHLO {name}\r\n").as_bytes()).await?;
+        let reply = self.reply().await?;
+        if reply.code != 250 {
+            return Err(BackendError::Failed(format!("EHLO answered {}", reply.code)));
+        }
+        Ok(reply.lines.into_iter().skip(1).collect())
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| BackendError::Failed(format!("write: {e}")))
+    }
+
+    /// One (possibly multi-line) reply.
+    async fn reply(&mut self) -> Result<Reply, BackendError> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line().await?;
+            let (code, last, text) = parse_reply_line(&line)
+                .ok_or_else(|| BackendError::Failed("malformed reply line".into()))?;
+            lines.push(text);
+            if last {
+                return Ok(Reply { code, lines });
+            }
+            if lines.len() >= MAX_LINES {
+                return Err(BackendError::Failed("reply has too many lines".into()));
+            }
+        }
+    }
+
+    async fn line(&mut self) -> Result<String, BackendError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let raw = self.buf.split_to(pos + 1);
+                let text = String::from_utf8_lossy(&raw);
+                return Ok(text.trim_end_matches(['\r', '\n']).to_string());
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(BackendError::Failed("reply line too long".into()));
+            }
+            self.buf.reserve(1024);
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(BackendError::Failed("backend closed the connection".into())),
+                Ok(_) => {}
+                Err(e) => return Err(BackendError::Failed(format!("read: {e}"))),
+            }
+        }
+    }
+}
+
+/// `250-SIZE 1000` → (250, false, "SIZE 1000"); `250 OK` → (250, true, "OK").
+fn parse_reply_line(line: &str) -> Option<(u16, bool, String)> {
+    let code = line.get(..3)?;
+    if !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let code = code.parse().ok()?;
+    let (last, text) = match line.get(3..4) {
+        None => (true, ""),
+        Some(" ") => (true, line.get(4..).unwrap_or_default()),
+        Some("-") => (false, line.get(4..).unwrap_or_default()),
+        Some(_) => return None,
+    };
+    Some((code, last, text.to_string()))
+}
+
+/// The first word of an extension line, uppercase.
+fn keyword(extension: &str) -> String {
+    extension
+        .split_ascii_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_ascii_uppercase()
+}
+
+/// `XCLIENT ADDR=.. PORT=.. LOGIN=.. NAME=[UNAVAILABLE] HELO=.. PROTO=ESMTP`, values
+/// xtext-encoded (RFC 3461), IPv6 addresses as `IPV6:...`.
+fn xclient_command(client: SocketAddr, user: &str, helo: &str) -> String {
+    let addr = match client {
+        SocketAddr::V4(v4) => v4.ip().to_string(),
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => format!("IPV6:{}", v6.ip()),
+        },
+    };
+    format!(
+        "XCLIENT ADDR={} PORT={} LOGIN={} NAME=[UNAVAILABLE] HELO={} PROTO=ESMTP\r\n",
+        xtext(&addr),
+        client.port(),
+        xtext(user),
+        xtext(helo),
+    )
+}
+
+/// RFC 3461 xtext: `+XX` for `+`, `=`, and anything outside `!`..`~`.
+fn xtext(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_lines() {
+        assert_eq!(parse_reply_line("250-SIZE 1000"), Some((250, false, "SIZE 1000".into())));
+        assert_eq!(parse_reply_line("250 OK"), Some((250, true, "OK".into())));
+        assert_eq!(parse_reply_line("220"), Some((220, true, String::new())));
+        assert_eq!(parse_reply_line("2x0 OK"), None);
+        assert_eq!(parse_reply_line("250_OK"), None);
+    }
+
+    #[test]
+    fn xclient_is_xtext_encoded() {
+        let client: SocketAddr = "192.0.2.7:50123".parse().expect("addr");
+        assert_eq!(
+            xclient_command(client, "a+b=c@example.com", "my host"),
+            "XCLIENT ADDR=192.0.2.7 PORT=50123 LOGIN=a+2Bb+3Dc@example.com NAME=[UNAVAILABLE] HELO=my+20host PROTO=ESMTP\r\n"
+        );
+        let v6: SocketAddr = "[2001:db8::1]:25".parse().expect("addr");
+        assert!(xclient_command(v6, "u", "h").starts_with("XCLIENT ADDR=IPV6:2001:db8::1 PORT=25 "));
+        let mapped: SocketAddr = "[::ffff:192.0.2.1]:25".parse().expect("addr");
+        assert!(xclient_command(mapped, "u", "h").starts_with("XCLIENT ADDR=192.0.2.1 "));
+    }
+}
