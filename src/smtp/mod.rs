@@ -1,2 +1,8 @@
-//! SMTP submission: the pre-auth session (pure), replies, backend login.
+//! SMTP submission: the pre-auth session (pure), replies, backend login, connection driver.
+
 pub mod backend;
+mod command;
+pub mod ehlo;
+pub mod reply;
+mod sasl;
+pub mod session;

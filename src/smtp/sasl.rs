@@ -1,0 +1,204 @@
+//! SASL PLAIN (RFC 4616) and LOGIN as SMTP carries them (RFC 4954): base64 lines in, typed
+//! credentials out. Decoded secrets live in zeroizing buffers.
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use zeroize::Zeroizing;
+
+/// The SASL mechanisms mailgate offers to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mechanism {
+    Plain,
+    Login,
+}
+
+impl Mechanism {
+    /// The mechanism named in `AUTH <name>` (case-insensitive), if we offer it.
+    pub fn parse(name: &[u8]) -> Option<Mechanism> {
+        if name.eq_ignore_ascii_case(b"PLAIN") {
+            Some(Mechanism::Plain)
+        } else if name.eq_ignore_ascii_case(b"LOGIN") {
+            Some(Mechanism::Login)
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+        }
+    }
+}
+
+/// A client's password: wiped from memory on drop, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(Zeroizing<String>);
+
+impl Password {
+    pub fn new(password: String) -> Password {
+        Password(Zeroizing::new(password))
+    }
+
+    /// The password itself, for verification and passthrough backend login only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// What the client presented in `AUTH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The authentication identity (PLAIN's authcid, LOGIN's user name), as sent.
+    pub username: String,
+    pub password: Password,
+    /// PLAIN's authorization identity when not empty; the driver decides whether it may differ
+    /// from `username` (normally it may not).
+    pub authzid: Option<String>,
+    /// For the access log and metrics.
+    pub mechanism: Mechanism,
+}
+
+/// Why a SASL response was not accepted; each maps to one 501 reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SaslError {
+    /// The client sent `*` (RFC 4954 §4).
+    Cancelled,
+    /// Not base64.
+    Base64,
+    /// Base64, but not what the mechanism expects (fields, NULs, UTF-8, control characters).
+    Malformed,
+}
+
+/// Decodes one client response: `*` cancels, `=` is the empty response, anything else is
+/// base64 (surrounding blanks tolerated).
+pub(crate) fn decode_response(line: &[u8]) -> Result<Zeroizing<Vec<u8>>, SaslError> {
+    let line = line.trim_ascii();
+    match line {
+        b"*" => Err(SaslError::Cancelled),
+        b"=" => Ok(Zeroizing::new(Vec::new())),
+        _ => STANDARD
+            .decode(line)
+            .map(Zeroizing::new)
+            .map_err(|_| SaslError::Base64),
+    }
+}
+
+/// RFC 4616: `[authzid] NUL authcid NUL passwd`, exactly two NULs, UTF-8.
+pub(crate) fn plain(message: &[u8]) -> Result<Credentials, SaslError> {
+    let mut fields = message.split(|&b| b == 0);
+    let (Some(authzid), Some(authcid), Some(passwd), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return Err(SaslError::Malformed);
+    };
+    let authzid = identity(authzid)?;
+    Ok(Credentials {
+        username: identity(authcid)?,
+        password: password(passwd)?,
+        authzid: (!authzid.is_empty()).then_some(authzid),
+        mechanism: Mechanism::Plain,
+    })
+}
+
+/// LOGIN's first response: the user name.
+pub(crate) fn login_username(decoded: &[u8]) -> Result<String, SaslError> {
+    identity(decoded)
+}
+
+/// LOGIN's second response: the password, completing the credentials.
+pub(crate) fn login_credentials(
+    username: String,
+    decoded: &[u8],
+) -> Result<Credentials, SaslError> {
+    Ok(Credentials {
+        username,
+        password: password(decoded)?,
+        authzid: None,
+        mechanism: Mechanism::Login,
+    })
+}
+
+/// A user name or authzid: UTF-8 without control characters, so it is safe in logs and in the
+/// backend's XCLIENT LOGIN= (which the driver xtext-escapes anyway).
+fn identity(bytes: &[u8]) -> Result<String, SaslError> {
+    let s = std::str::from_utf8(bytes).map_err(|_| SaslError::Malformed)?;
+    if s.chars().any(char::is_control) {
+        return Err(SaslError::Malformed);
+    }
+    Ok(s.to_owned())
+}
+
+/// A password: UTF-8 without NUL (a NUL could not be passed on in a backend AUTH PLAIN).
+fn password(bytes: &[u8]) -> Result<Password, SaslError> {
+    let s = std::str::from_utf8(bytes).map_err(|_| SaslError::Malformed)?;
+    if s.contains('\0') {
+        return Err(SaslError::Malformed);
+    }
+    Ok(Password::new(s.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_fields() {
+        let c = plain(b"\0alice@example.com\0secret pw").unwrap();
+        assert_eq!(c.username, "alice@example.com");
+        assert_eq!(c.password.expose(), "secret pw");
+        assert_eq!(c.authzid, None);
+        assert_eq!(c.mechanism, Mechanism::Plain);
+        let c = plain(b"admin@example.com\0alice\0pw").unwrap();
+        assert_eq!(c.authzid.as_deref(), Some("admin@example.com"));
+        for bad in [
+            &b""[..],
+            b"alice",
+            b"\0alice",
+            b"\0alice\0pw\0",
+            b"\0al\nice\0pw",
+            b"\0\xff\0pw",
+            b"\0alice\0\xfe",
+        ] {
+            assert_eq!(plain(bad), Err(SaslError::Malformed), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn responses() {
+        assert_eq!(decode_response(b"*"), Err(SaslError::Cancelled));
+        assert_eq!(decode_response(b"="), Ok(Zeroizing::new(Vec::new())));
+        assert_eq!(
+            decode_response(b"YWxpY2U="),
+            Ok(Zeroizing::new(b"alice".to_vec()))
+        );
+        assert_eq!(
+            decode_response(b"YWxpY2U=  "),
+            Ok(Zeroizing::new(b"alice".to_vec()))
+        );
+        assert_eq!(decode_response(b"YWxpY2U"), Err(SaslError::Base64));
+        assert_eq!(decode_response(b"!!!!"), Err(SaslError::Base64));
+        assert_eq!(login_username(b"bob\0"), Err(SaslError::Malformed));
+        assert_eq!(
+            login_credentials("bob".into(), b"p\0w").map(|c| c.username),
+            Err(SaslError::Malformed)
+        );
+    }
+
+    #[test]
+    fn password_debug_is_masked() {
+        let c = plain(b"\0alice\0hunter2").unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("***"), "{shown}");
+    }
+}
