@@ -1,9 +1,13 @@
 //! What both protocols' backend logins share: the connect step and the error that says
 //! whether the next backend in the user's order may serve.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+
+use crate::config::Protocol;
+use crate::routing::Pool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -38,4 +42,39 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, Back
         .map_err(|e| BackendError::Unreachable(format!("{address}: {e}")))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// Tries `login` on each backend of `pool` in the user's rendezvous order, moving on only when
+/// a backend is unreachable. Returns the backend's address with the session.
+///
+/// # Errors
+/// The first error that is not "unreachable", or `Unreachable` when every backend was.
+pub async fn first_available<T, F, Fut>(
+    session_id: &str,
+    pool: &Pool,
+    protocol: Protocol,
+    user: &str,
+    mut login: F,
+) -> Result<(String, T), BackendError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
+    for backend in pool.order(protocol, user) {
+        match login(backend.address.clone()).await {
+            Ok(session) => return Ok((backend.address.clone(), session)),
+            Err(e) if e.try_next() => {
+                tracing::warn!(session = session_id, pool = %pool.name, backend = %backend.address, error = %e, "backend unreachable; trying the next");
+            }
+            Err(e) => {
+                tracing::warn!(session = session_id, pool = %pool.name, backend = %backend.address, error = %e, "backend login failed");
+                return Err(e);
+            }
+        }
+    }
+    Err(BackendError::Unreachable(format!(
+        "no {} backend of pool {} reachable",
+        protocol.as_str(),
+        pool.name
+    )))
 }

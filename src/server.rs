@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -26,6 +28,11 @@ pub struct Context {
     pub auth: Authenticator,
     /// `None` when no listener uses TLS.
     pub tls: Option<Tls>,
+    /// mailgate's name in SMTP greetings and EHLO.
+    pub hostname: String,
+    /// The SMTP extensions every submission backend offers (probed), shown to clients after
+    /// mailgate's own changes.
+    pub smtp_extensions: ArcSwap<Vec<String>>,
 }
 
 /// One bound listener.
@@ -85,12 +92,16 @@ impl Server {
             });
         }
         let auth = Authenticator::new(store);
+        let hostname = hostname(tls.as_ref());
+        let smtp_extensions = ArcSwap::from_pointee(probe_smtp(&config, &router, &hostname).await);
         Ok(Server {
             context: Arc::new(Context {
                 config,
                 router,
                 auth,
                 tls,
+                hostname,
+                smtp_extensions,
             }),
             listeners,
         })
@@ -139,6 +150,48 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         tracing::info!(left = tracker.len(), "stopped");
     }
+}
+
+/// The name mailgate gives itself: the certificate name meant for SMTP (`smtp.` first), else
+/// the default certificate's first name.
+fn hostname(tls: Option<&Tls>) -> String {
+    let set = tls.map(|t| t.resolver.current());
+    let names: Vec<String> = set
+        .iter()
+        .flat_map(|s| s.certificates.iter().flat_map(|c| c.names.iter().cloned()))
+        .filter(|n| !n.starts_with('*'))
+        .collect();
+    names
+        .iter()
+        .find(|n| n.starts_with("smtp."))
+        .or(names.first())
+        .cloned()
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Extensions to offer when no SMTP backend could be probed: what any submission server
+/// honours.
+const FALLBACK_SMTP_EXTENSIONS: [&str; 3] = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"];
+
+/// Asks every SMTP backend for its EHLO extensions.
+async fn probe_smtp(config: &Config, router: &Router, hostname: &str) -> Vec<String> {
+    if !config.listeners.iter().any(|l| l.protocol == Protocol::Smtp) {
+        return Vec::new();
+    }
+    let mut probed = Vec::new();
+    for pool in router.pools() {
+        for backend in &pool.smtp {
+            match crate::smtp::backend::probe(&backend.address, hostname, pool.connect_timeout).await {
+                Ok(extensions) => probed.push(extensions),
+                Err(e) => tracing::warn!(pool = %pool.name, backend = %backend.address, error = %e, "SMTP backend probe failed"),
+            }
+        }
+    }
+    if probed.is_empty() {
+        tracing::warn!("no SMTP backend answered the EHLO probe; offering a minimal extension list");
+        return FALLBACK_SMTP_EXTENSIONS.map(String::from).to_vec();
+    }
+    crate::smtp::backend::common_extensions(&probed)
 }
 
 async fn accept_loop(
@@ -196,6 +249,51 @@ impl Connection {
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr
     }
+
+    /// The server side of a TLS handshake, under the handshake timeout. A failure is the
+    /// client's business: logged at debug, recorded in the session log.
+    pub async fn tls_handshake(&self, log: &mut SessionLog, tcp: TcpStream) -> Option<TlsStream> {
+        let Some(tls) = self.context.tls.as_ref() else {
+            log.end = "tls_unconfigured";
+            return None;
+        };
+        let limit = self.context.config.limits.handshake_timeout.0;
+        match tokio::time::timeout(limit, tls.acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(session = %self.id, error = %e, "TLS handshake failed");
+                log.end = "tls_handshake_failed";
+                None
+            }
+            Err(_) => {
+                log.end = "tls_handshake_timeout";
+                None
+            }
+        }
+    }
+}
+
+pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// How long a goodbye may take to write.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Writes and flushes (a TLS stream sends nothing until flushed).
+///
+/// # Errors
+/// The peer is gone.
+pub async fn write<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// Best effort: a last line and a close, bounded in time.
+pub async fn goodbye<S: AsyncWrite + Unpin>(stream: &mut S, line: &[u8]) {
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        write(stream, line).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// The one log line a session leaves.

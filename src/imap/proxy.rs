@@ -8,18 +8,17 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::{ListenerTls, Protocol};
-use crate::imap::backend::{self, BackendError, BackendSession, LoginRequest};
+use crate::backend::{first_available, BackendError};
+use crate::imap::backend::{self, BackendSession, LoginRequest};
 use crate::imap::reply;
 use crate::imap::session::{Credentials, Event, PreAuth, SessionConfig, BYE_SHUTDOWN, BYE_TIMEOUT};
 use crate::login::{authorize, Grant, LoginResult};
 use crate::relay::{self, RelayEnd};
-use crate::server::{Connection, SessionLog};
+use crate::server::{goodbye, write, Connection, SessionLog};
 use crate::shutdown::Phase;
 
 /// How long mailgate waits for the backend to finish logging in once connected.
 const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a goodbye may take to write.
-const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves one IMAP client connection to its end and leaves one log line.
 pub async fn serve(mut conn: Connection, tcp: TcpStream) {
@@ -34,7 +33,7 @@ pub async fn serve(mut conn: Connection, tcp: TcpStream) {
             let _ = session(&mut conn, &mut log, tcp, cfg, true, deadline).await;
         }
         ListenerTls::Implicit => {
-            if let Some(tls) = handshake(&conn, &mut log, tcp).await {
+            if let Some(tls) = conn.tls_handshake(&mut log, tcp).await {
                 let cfg = SessionConfig {
                     tls_active: true,
                     starttls_offered: false,
@@ -48,7 +47,7 @@ pub async fn serve(mut conn: Connection, tcp: TcpStream) {
                 starttls_offered: true,
             };
             if let Some(tcp) = session(&mut conn, &mut log, tcp, cfg, true, deadline).await {
-                if let Some(tls) = handshake(&conn, &mut log, tcp).await {
+                if let Some(tls) = conn.tls_handshake(&mut log, tcp).await {
                     let cfg = SessionConfig {
                         tls_active: true,
                         starttls_offered: false,
@@ -60,28 +59,6 @@ pub async fn serve(mut conn: Connection, tcp: TcpStream) {
         }
     }
     log.emit(&conn);
-}
-
-type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
-
-async fn handshake(conn: &Connection, log: &mut SessionLog, tcp: TcpStream) -> Option<TlsStream> {
-    let Some(tls) = conn.context.tls.as_ref() else {
-        log.end = "tls_unconfigured";
-        return None;
-    };
-    let limit = conn.context.config.limits.handshake_timeout.0;
-    match tokio::time::timeout(limit, tls.acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => Some(stream),
-        Ok(Err(e)) => {
-            tracing::debug!(session = %conn.id, error = %e, "TLS handshake failed");
-            log.end = "tls_handshake_failed";
-            None
-        }
-        Err(_) => {
-            log.end = "tls_handshake_timeout";
-            None
-        }
-    }
 }
 
 /// Runs the pre-auth session on `stream` and, after a login, the splice. Returns the stream
@@ -216,25 +193,17 @@ async fn log_in(
         connect_timeout: pool.connect_timeout,
         login_timeout: BACKEND_LOGIN_TIMEOUT,
     };
-    for backend in pool.order(Protocol::Imap, &grant.route.address) {
-        match backend::login(&backend.address, &request).await {
-            Ok(session) => {
-                tracing::debug!(session = %conn.id, backend = %backend.address, "backend login ok");
-                return Ok((grant, backend.address.clone(), session));
-            }
-            Err(e) if e.try_next() => {
-                tracing::warn!(session = %conn.id, pool = %pool.name, backend = %backend.address, error = %e, "backend unreachable; trying the next");
-            }
-            Err(e) => {
-                tracing::warn!(session = %conn.id, pool = %pool.name, backend = %backend.address, error = %e, "backend login failed");
-                return Err(match e {
-                    BackendError::Refused { code } => refused_result(code.as_deref()),
-                    _ => LoginResult::BackendUnavailable,
-                });
-            }
-        }
+    let user = grant.route.address.clone();
+    match first_available(&conn.id, pool, Protocol::Imap, &user, |address| {
+        let request = &request;
+        async move { backend::login(&address, request).await }
+    })
+    .await
+    {
+        Ok((address, session)) => Ok((grant, address, session)),
+        Err(BackendError::Refused { code }) => Err(refused_result(code.as_deref())),
+        Err(_) => Err(LoginResult::BackendUnavailable),
     }
-    Err(LoginResult::BackendUnavailable)
 }
 
 /// What a backend's `NO [CODE]` means for the client. Without a code it is a failed
@@ -281,20 +250,6 @@ async fn splice<S>(
         RelayEnd::IdleTimeout => goodbye(&mut client, b"* BYE Idle for too long\r\n").await,
         RelayEnd::Closed | RelayEnd::Error => {}
     }
-}
-
-async fn write<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
-    stream.write_all(bytes).await?;
-    stream.flush().await
-}
-
-/// Best effort: a last line and a close, bounded in time.
-async fn goodbye<S: AsyncWrite + Unpin>(stream: &mut S, line: &[u8]) {
-    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-        write(stream, line).await?;
-        stream.shutdown().await
-    })
-    .await;
 }
 
 #[cfg(test)]

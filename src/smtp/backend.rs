@@ -302,3 +302,53 @@ mod tests {
         assert!(xclient_command(mapped, "u", "h").starts_with("XCLIENT ADDR=192.0.2.1 "));
     }
 }
+
+/// The extensions every probed backend offers (by keyword, in the first list's order), with
+/// `SIZE` at the smallest limit: what mailgate may promise before it knows the user's pool.
+pub fn common_extensions(probed: &[Vec<String>]) -> Vec<String> {
+    let Some((first, rest)) = probed.split_first() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for extension in first {
+        let key = keyword(extension);
+        let others: Vec<&String> = rest
+            .iter()
+            .filter_map(|list| list.iter().find(|e| keyword(e) == key))
+            .collect();
+        if others.len() != rest.len() {
+            continue;
+        }
+        if key == "SIZE" {
+            let size = std::iter::once(extension)
+                .chain(others)
+                .filter_map(|e| e.split_ascii_whitespace().nth(1)?.parse::<u64>().ok())
+                .filter(|&n| n > 0)
+                .min();
+            out.push(match size {
+                Some(n) => format!("SIZE {n}"),
+                None => "SIZE".to_string(),
+            });
+        } else {
+            out.push(extension.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod combine_tests {
+    use super::*;
+
+    #[test]
+    fn common_extensions_intersect_and_take_the_smallest_size() {
+        let a = vec!["PIPELINING".to_string(), "SIZE 30000000".into(), "8BITMIME".into(), "SMTPUTF8".into()];
+        let b = vec!["SIZE 10240000".to_string(), "PIPELINING".into(), "8BITMIME".into()];
+        assert_eq!(
+            common_extensions(&[a.clone(), b]),
+            vec!["PIPELINING".to_string(), "SIZE 10240000".into(), "8BITMIME".into()]
+        );
+        assert_eq!(common_extensions(&[a.clone()]), a);
+        assert!(common_extensions(&[]).is_empty());
+    }
+}

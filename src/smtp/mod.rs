@@ -6,3 +6,4 @@ pub mod ehlo;
 pub mod reply;
 mod sasl;
 pub mod session;
+pub mod proxy;
