@@ -1,0 +1,299 @@
+//! The real `mailgate` binary for one test: a config written into a temp dir (listeners on
+//! `127.0.0.1:0`, a development certificate made on first start), the process's stderr
+//! collected, the bound ports read from its `listening` log lines, stopped on drop.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// The demo account file; its passwords are listed in the README and in its comments.
+pub const DEMO_ACCOUNTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/accounts.yaml");
+
+/// How mailgate logs in to a pool's IMAP backends.
+#[derive(Debug, Clone)]
+pub enum Login {
+    Master { user: String, password: String },
+    Passthrough,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub imap: Vec<SocketAddr>,
+    pub smtp: Vec<SocketAddr>,
+    pub login: Login,
+}
+
+impl Pool {
+    pub fn master(imap: &[SocketAddr], smtp: &[SocketAddr], user: &str, password: &str) -> Pool {
+        Pool {
+            imap: imap.to_vec(),
+            smtp: smtp.to_vec(),
+            login: Login::Master {
+                user: user.into(),
+                password: password.into(),
+            },
+        }
+    }
+}
+
+/// What a [`Mailgate`] is started with.
+#[derive(Debug, Clone)]
+pub struct MailgateOpts {
+    /// The consumer pool (`imap`: skydesk.jp and bare names).
+    pub imap: Pool,
+    /// The organisation pool (`imappro`: every other domain).
+    pub imappro: Pool,
+    pub accounts: PathBuf,
+    /// YAML lines under `limits:` (indented by the helper).
+    pub limits: Vec<String>,
+    pub drain_timeout: String,
+    pub smtp_login: String,
+}
+
+impl MailgateOpts {
+    pub fn new(imap: Pool, imappro: Pool) -> MailgateOpts {
+        MailgateOpts {
+            imap,
+            imappro,
+            accounts: PathBuf::from(DEMO_ACCOUNTS),
+            limits: vec!["preauth_timeout: 30s".into()],
+            drain_timeout: "30s".into(),
+            smtp_login: "xclient".into(),
+        }
+    }
+
+    pub fn limit(mut self, line: &str) -> Self {
+        self.limits.push(line.into());
+        self
+    }
+
+    pub fn drain_timeout(mut self, value: &str) -> Self {
+        self.drain_timeout = value.into();
+        self
+    }
+}
+
+/// A running mailgate. Dropping it kills the process.
+pub struct Mailgate {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    addrs: HashMap<String, SocketAddr>,
+    dir: TempDir,
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    let items: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn pool_yaml(out: &mut String, name: &str, pool: &Pool, smtp_login: &str) {
+    let _ = writeln!(out, "  {name}:");
+    let _ = writeln!(out, "    imap: {}", list(&pool.imap));
+    let _ = writeln!(out, "    smtp: {}", list(&pool.smtp));
+    let _ = writeln!(out, "    backend_tls: none");
+    match &pool.login {
+        Login::Master { user, password } => {
+            let _ = writeln!(out, "    login: {{ mode: master, user: \"{user}\", password: \"{password}\" }}");
+        }
+        Login::Passthrough => {
+            let _ = writeln!(out, "    login: {{ mode: passthrough }}");
+        }
+    }
+    let _ = writeln!(out, "    smtp_login: {smtp_login}");
+    let _ = writeln!(out, "    health: {{ interval: 5s, timeout: 2s, fall: 2, rise: 2 }}");
+}
+
+impl Mailgate {
+    /// Writes the config and starts `mailgate run`; waits until every listener is bound.
+    ///
+    /// # Panics
+    /// When it does not come up within 20 s; the message carries its log.
+    pub fn start(opts: &MailgateOpts) -> Mailgate {
+        let dir = tempfile::Builder::new()
+            .prefix("mgtest-mailgate-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let config = Self::config(dir.path(), opts);
+        let path = dir.path().join("mailgate.yaml");
+        std::fs::write(&path, &config).unwrap_or_else(|e| panic!("writing config: {e}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info,mailgate=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting mailgate: {e}"));
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Ok(mut log) = log.lock() {
+                        log.push_str(&line);
+                        log.push('\n');
+                    }
+                }
+            });
+        }
+        let mut mailgate = Mailgate {
+            child: Some(child),
+            log,
+            addrs: HashMap::new(),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            mailgate.addrs = parse_listening(&mailgate.log());
+            if mailgate.addrs.len() == 4 {
+                return mailgate;
+            }
+            if let Some(status) = mailgate.try_wait() {
+                panic!("mailgate exited ({status}) before listening:\n{}\nconfig:\n{config}", mailgate.log());
+            }
+            assert!(Instant::now() < deadline, "mailgate did not listen in 20 s:\n{}", mailgate.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn config(dir: &Path, opts: &MailgateOpts) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "listeners:");
+        for (name, protocol, tls) in [
+            ("imaps", "imap", "implicit"),
+            ("imap", "imap", "starttls"),
+            ("submissions", "smtp", "implicit"),
+            ("submission", "smtp", "starttls"),
+        ] {
+            let _ = writeln!(
+                out,
+                "  - {{ name: {name}, protocol: {protocol}, address: \"127.0.0.1:0\", tls: {tls} }}"
+            );
+        }
+        let _ = writeln!(out, "tls:");
+        let _ = writeln!(out, "  self_signed_if_missing: true");
+        let _ = writeln!(
+            out,
+            "  certificates:\n    - {{ cert: \"{0}/tls/dev.crt\", key: \"{0}/tls/dev.key\" }}",
+            dir.display()
+        );
+        let _ = writeln!(out, "accounts:\n  source: file\n  path: \"{}\"", opts.accounts.display());
+        let _ = writeln!(
+            out,
+            "routing:\n  consumer_domains: [skydesk.jp]\n  default_domain: skydesk.jp\n  consumer_pool: imap\n  organisation_pool: imappro"
+        );
+        let _ = writeln!(out, "pools:");
+        pool_yaml(&mut out, "imap", &opts.imap, &opts.smtp_login);
+        pool_yaml(&mut out, "imappro", &opts.imappro, &opts.smtp_login);
+        let _ = writeln!(out, "limits:");
+        for line in &opts.limits {
+            let _ = writeln!(out, "  {line}");
+        }
+        let _ = writeln!(out, "shutdown:\n  drain_timeout: {}", opts.drain_timeout);
+        let _ = writeln!(out, "messages:\n  help_url: https://help.example/app-passwords");
+        out
+    }
+
+    /// The bound address of listener `name` (`imaps`, `imap`, `submissions`, `submission`).
+    #[track_caller]
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        *self
+            .addrs
+            .get(name)
+            .unwrap_or_else(|| panic!("no listener {name}: {:?}", self.addrs))
+    }
+
+    pub fn port(&self, name: &str) -> u16 {
+        self.addr(name).port()
+    }
+
+    /// The development certificate mailgate made (PEM), for clients that verify.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("tls/dev.crt")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything mailgate logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Polls the log for `needle`; returns the log.
+    #[track_caller]
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no `{needle}` in mailgate's log after {timeout:?}:\n{log}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal (`"TERM"`, `"INT"`) to the process.
+    pub fn signal(&self, name: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{name}"), &child.id().to_string()])
+                .status();
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mailgate {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `listener=NAME ... address=ADDR` from each `listening` line.
+fn parse_listening(log: &str) -> HashMap<String, SocketAddr> {
+    log.lines()
+        .filter(|l| l.contains("listening"))
+        .filter_map(|line| {
+            let field = |key: &str| {
+                line.split_ascii_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .map(|v| v.trim_matches('"').to_string())
+            };
+            let name = field("listener=")?;
+            let addr = field("address=")?.parse().ok()?;
+            Some((name, addr))
+        })
+        .collect()
+}

@@ -1,0 +1,508 @@
+//! IMAP end to end: real Dovecot instances behind mailgate (one per pool, each with a master
+//! user and `login_trusted_networks` for loopback), real clients in front (Python `imaplib`,
+//! `curl`, `mbsync`), the real `mailgate` binary in between.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use common::mailgate::{Mailgate, MailgateOpts, Pool};
+use common::{run_cmd, run_python, run_python_args, Dovecot, DovecotOpts};
+
+const MASTER: (&str, &str) = ("proxy", "master-secret");
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Demo accounts of `config/accounts.yaml` by the Dovecot (pool) that holds their mail.
+const CONSUMER_USERS: [(&str, &str); 5] = [
+    ("alice@skydesk.jp", "alice-pass"),
+    ("bob@skydesk.jp", "bob-pass"),
+    ("carol@skydesk.jp", "carol-app-pass"),
+    ("eve@skydesk.jp", "eve-pass"),
+    ("frank@skydesk.jp", "frank-pass"),
+];
+const ORGANISATION_USERS: [(&str, &str); 3] = [
+    ("dave@example.com", "dave-pass"),
+    ("sam@strict.example", "sam-pass"),
+    ("mallory@smtpoff.example", "mallory-pass"),
+];
+
+/// Python prelude: TLS without verification (the development certificate), a connect helper
+/// that can pick the client's source address, and a login that prints what the client saw.
+const PRELUDE: &str = r#"
+import imaplib, socket, ssl, sys
+CTX = ssl.create_default_context()
+CTX.check_hostname = False
+CTX.verify_mode = ssl.CERT_NONE
+
+class Client(imaplib.IMAP4_SSL):
+    source = None
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=self.source)
+        return self.ssl_context.wrap_socket(sock, server_hostname="imap.skydesk.jp")
+
+def connect(port, source=None):
+    Client.source = (source, 0) if source else None
+    return Client("127.0.0.1", port, ssl_context=CTX, timeout=20)
+
+def text(value):
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+def try_login(port, user, password):
+    m = connect(port)
+    try:
+        typ, data = m.login(user, password)
+        return m, typ + " " + text(data)
+    except imaplib.IMAP4.error as e:
+        return m, "NO " + text(e.args[0])
+"#;
+
+/// Two Dovecots (pools `imap` and `imappro`) holding the demo accounts, each INBOX seeded with
+/// a message that names its pool, and mailgate in front.
+struct Setup {
+    consumer: Dovecot,
+    organisation: Dovecot,
+    mailgate: Mailgate,
+}
+
+fn dovecot(users: &[(&str, &str)], pool: &str) -> Dovecot {
+    let mut opts = DovecotOpts::default().master(MASTER.0, MASTER.1);
+    for (user, password) in users {
+        opts = opts.user(user, password);
+    }
+    let dovecot = Dovecot::start(opts);
+    for (user, _) in users {
+        let message = format!(
+            "From: postmaster@skydesk.jp\r\nTo: {user}\r\nSubject: welcome from pool {pool}\r\n\r\nThis mailbox lives in pool {pool}.\r\n"
+        );
+        dovecot.deliver(user, "INBOX", message.as_bytes());
+    }
+    dovecot
+}
+
+fn pool(dovecot: &Dovecot) -> Pool {
+    Pool::master(&[dovecot.imap_addr()], &[], MASTER.0, MASTER.1)
+}
+
+impl Setup {
+    fn start() -> Setup {
+        Setup::with(|opts| opts)
+    }
+
+    fn with(customize: impl FnOnce(MailgateOpts) -> MailgateOpts) -> Setup {
+        let consumer = dovecot(&CONSUMER_USERS, "imap");
+        let organisation = dovecot(&ORGANISATION_USERS, "imappro");
+        let opts = customize(MailgateOpts::new(pool(&consumer), pool(&organisation)));
+        let mailgate = Mailgate::start(&opts);
+        Setup {
+            consumer,
+            organisation,
+            mailgate,
+        }
+    }
+
+    fn imaps(&self) -> String {
+        self.mailgate.port("imaps").to_string()
+    }
+
+    /// Runs `body` after the prelude with `PORT` = the implicit-TLS listener's port.
+    fn python(&self, body: &str) -> String {
+        let script = format!("{PRELUDE}\nPORT = int(sys.argv[1])\n{body}");
+        let out = run_python_args(&script, &[&self.imaps()], CLIENT_TIMEOUT);
+        assert!(out.success(), "{out}\n--- mailgate ---\n{}", self.mailgate.log());
+        out.stdout
+    }
+}
+
+#[test]
+fn logins_land_in_their_pool_with_imaplib_and_curl() {
+    let setup = Setup::start();
+    let out = setup.python(
+        r#"
+for user, password in [("alice@skydesk.jp", "alice-pass"), ("Alice", "alice-pass"), ("dave@example.com", "dave-pass")]:
+    m, result = try_login(PORT, user, password)
+    print(user, "login:", result)
+    m.select("INBOX")
+    typ, data = m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    print(user, "subject:", data[0][1].decode().strip())
+    m.logout()
+"#,
+    );
+    assert!(out.contains("alice@skydesk.jp subject: Subject: welcome from pool imap\n"), "{out}");
+    assert!(out.contains("Alice subject: Subject: welcome from pool imap\n"), "{out}");
+    assert!(out.contains("dave@example.com subject: Subject: welcome from pool imappro\n"), "{out}");
+    // The tagged OK carries the backend's post-login capabilities (SORT is not in mailgate's
+    // own pre-auth list), under the client's own tag.
+    for user in ["alice@skydesk.jp", "Alice", "dave@example.com"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{user} login:")))
+            .unwrap_or_default();
+        assert!(line.contains("OK [CAPABILITY IMAP4rev1") && line.contains(" SORT") && line.ends_with("] Logged in"), "{line}");
+    }
+
+    // curl, a different client: a bare user name and an organisation user.
+    for (user, pool) in [("alice:alice-pass", "imap"), ("dave@example.com:dave-pass", "imappro")] {
+        let url = format!("imaps://127.0.0.1:{}/INBOX;UID=1", setup.imaps());
+        let out = run_cmd("curl", &["-sSk", "--max-time", "20", "-u", user, &url], CLIENT_TIMEOUT);
+        assert!(
+            out.assert_success().contains(&format!("This mailbox lives in pool {pool}.")),
+            "{out}"
+        );
+    }
+    let log = setup.mailgate.log();
+    assert!(log.contains("user=alice@skydesk.jp pool=imap backend="), "{log}");
+    assert!(log.contains("user=dave@example.com pool=imappro backend="), "{log}");
+    assert!(!log.contains("alice-pass") && !log.contains("dave-pass"), "a password reached the log:\n{log}");
+}
+
+#[test]
+fn every_decision_row_gives_its_reply_to_imaplib() {
+    let setup = Setup::start();
+    let out = setup.python(
+        r#"
+cases = [
+    ("eve@skydesk.jp", "eve-pass"),
+    ("sam@strict.example", "sam-pass"),
+    ("bob@skydesk.jp", "bob-pass"),
+    ("bob@skydesk.jp", "bob-app-pass"),
+    ("carol@skydesk.jp", "carol-app-pass"),
+    ("carol@skydesk.jp", "ya29.google-oauth-token"),
+    ("alice@skydesk.jp", "wrong-pass"),
+    ("nobody@skydesk.jp", "alice-pass"),
+]
+for user, password in cases:
+    m, result = try_login(PORT, user, password)
+    print(f"{user} {password} => {result}")
+    try:
+        m.logout()
+    except Exception:
+        pass
+"#,
+    );
+    let expect = [
+        "eve@skydesk.jp eve-pass => NO [AUTHORIZATIONFAILED] IMAP access is disabled for this account; enable it in your mail settings",
+        "sam@strict.example sam-pass => NO [CONTACTADMIN] IMAP access is not allowed by your organisation's policy; contact your administrator",
+        "bob@skydesk.jp bob-pass => NO [ALERT] Application-specific password required: https://help.example/app-passwords",
+        "carol@skydesk.jp ya29.google-oauth-token => NO [AUTHENTICATIONFAILED] Invalid credentials",
+        "alice@skydesk.jp wrong-pass => NO [AUTHENTICATIONFAILED] Invalid credentials",
+        "nobody@skydesk.jp alice-pass => NO [AUTHENTICATIONFAILED] Invalid credentials",
+    ];
+    for line in expect {
+        assert!(out.lines().any(|l| l == line), "missing `{line}` in:\n{out}");
+    }
+    for ok in ["bob@skydesk.jp bob-app-pass => OK [CAPABILITY", "carol@skydesk.jp carol-app-pass => OK [CAPABILITY"] {
+        assert!(out.lines().any(|l| l.starts_with(ok)), "missing `{ok}` in:\n{out}");
+    }
+    let log = setup.mailgate.log();
+    for word in ["imap_disabled", "policy_denied", "app_password_required", "invalid_credentials"] {
+        assert!(log.contains(&format!("result={word}")), "no result={word} in the log:\n{log}");
+    }
+}
+
+#[test]
+fn ten_mib_append_and_fetch_are_byte_identical() {
+    let setup = Setup::start();
+    let out = setup.python(
+        r#"
+import base64, hashlib, os, re
+body = b"\r\n".join(base64.b64encode(os.urandom(57)) for _ in range(10 * 1024 * 1024 // 78))
+msg = b"From: alice@skydesk.jp\r\nTo: alice@skydesk.jp\r\nSubject: big\r\n\r\n" + body + b"\r\n"
+m, result = try_login(PORT, "alice", "alice-pass")
+typ, data = m.append("INBOX", None, None, msg)
+print("append", typ, len(msg))
+uid = re.search(rb"APPENDUID \d+ (\d+)", data[0]).group(1).decode()
+m.select("INBOX")
+typ, data = m.uid("FETCH", uid, "(BODY.PEEK[])")
+got = data[0][1]
+print("fetch", typ, len(got), "identical" if got == msg else "DIFFERENT", hashlib.sha256(got).hexdigest() == hashlib.sha256(msg).hexdigest())
+m.logout()
+"#,
+    );
+    assert!(out.contains("append OK"), "{out}");
+    assert!(out.contains("identical True"), "{out}");
+}
+
+#[test]
+fn mbsync_through_mailgate_equals_a_direct_sync() {
+    let setup = Setup::start();
+    // A few hundred messages, appended straight to the backend.
+    let seed = format!(
+        r#"
+import imaplib
+m = imaplib.IMAP4("127.0.0.1", {port})
+m.login("alice@skydesk.jp", "alice-pass")
+for i in range(300):
+    msg = f"From: n{{i}}@example.com\r\nTo: alice@skydesk.jp\r\nSubject: message {{i}}\r\nMessage-ID: <m{{i}}@example.com>\r\n\r\nbody {{i}}\r\n" + "line\r\n" * (i % 50)
+    m.append("INBOX", "\\Seen" if i % 3 else None, None, msg.encode())
+m.logout()
+print("seeded")
+"#,
+        port = setup.consumer.imap_addr().port()
+    );
+    assert!(run_python(&seed, CLIENT_TIMEOUT).assert_success().contains("seeded"));
+
+    let sync = |name: &str, account: &str| -> Vec<Vec<u8>> {
+        let dir = setup.mailgate.dir().join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let config = format!(
+            "{account}\nIMAPStore remote\nAccount acct\n\nMaildirStore local\nPath {d}/\nInbox {d}/INBOX\n\nChannel sync\nFar :remote:\nNear :local:\nPatterns INBOX\nCreate Near\nSync Pull\nSyncState *\n",
+            d = dir.display()
+        );
+        let path = dir.join("mbsyncrc");
+        std::fs::write(&path, config).expect("write mbsyncrc");
+        let out = run_cmd("mbsync", &["-c", &path.to_string_lossy(), "-a"], CLIENT_TIMEOUT);
+        assert!(out.success(), "{out}\n--- mailgate ---\n{}", setup.mailgate.log());
+        let mut messages: Vec<Vec<u8>> = ["cur", "new"]
+            .iter()
+            .filter_map(|sub| std::fs::read_dir(dir.join("INBOX").join(sub)).ok())
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .collect();
+        messages.sort();
+        messages
+    };
+    let through = sync(
+        "through",
+        &format!(
+            "IMAPAccount acct\nHost localhost\nPort {}\nUser alice\nPass alice-pass\nSSLType IMAPS\nCertificateFile {}\n",
+            setup.imaps(),
+            setup.mailgate.cert_path().display()
+        ),
+    );
+    let direct = sync(
+        "direct",
+        &format!(
+            "IMAPAccount acct\nHost 127.0.0.1\nPort {}\nUser alice@skydesk.jp\nPass alice-pass\nSSLType None\nAuthMechs LOGIN\n",
+            setup.consumer.imap_addr().port()
+        ),
+    );
+    assert_eq!(through.len(), 301, "300 seeded + the welcome message");
+    assert!(through == direct, "mbsync through mailgate and direct differ");
+}
+
+#[test]
+fn starttls_discards_pipelined_commands_and_login_before_tls_is_refused() {
+    let setup = Setup::start();
+    let script = r#"
+import socket, ssl, sys, time
+port = int(sys.argv[1])
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+
+def lines(sock, until, limit=5.0):
+    data, end = b"", time.time() + limit
+    sock.settimeout(0.5)
+    while until not in data and time.time() < end:
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, ssl.SSLWantReadError):
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+s = socket.create_connection(("127.0.0.1", port), 10)
+print("GREETING", lines(s, b"\r\n").strip())
+s.sendall(b"p LOGIN alice alice-pass\r\n")
+print("PLAIN-LOGIN", lines(s, b"p ").strip())
+s.sendall(b"a STARTTLS\r\nz NOOP\r\n")
+print("STARTTLS", lines(s, b"a OK").strip())
+t = ctx.wrap_socket(s, server_hostname="imap.skydesk.jp")
+t.sendall(b"b CAPABILITY\r\n")
+after = lines(t, b"b OK")
+time.sleep(0.5)
+after += lines(t, b"never", 1.0)
+print("AFTER", after.replace("\r\n", " | "))
+"#;
+    let out = run_python_args(script, &[&setup.mailgate.port("imap").to_string()], CLIENT_TIMEOUT);
+    let out = out.assert_success();
+    assert!(out.contains("GREETING * OK [CAPABILITY IMAP4rev1") && out.contains("STARTTLS LOGINDISABLED"), "{out}");
+    assert!(out.contains("PLAIN-LOGIN p NO [PRIVACYREQUIRED]"), "{out}");
+    assert!(out.contains("STARTTLS a OK"), "{out}");
+    let after = out.lines().find(|l| l.starts_with("AFTER")).unwrap_or_default();
+    assert!(after.contains("b OK"), "{out}");
+    assert!(after.contains("AUTH=PLAIN") && !after.contains("LOGINDISABLED"), "{out}");
+    assert!(!after.contains("z "), "the pipelined `z NOOP` was answered: {out}");
+}
+
+#[test]
+fn the_backend_logs_the_clients_real_address() {
+    let setup = Setup::start();
+    let out = setup.python(
+        r#"
+m = connect(PORT, source="127.0.0.2")
+print(m.login("alice", "alice-pass")[0])
+m.logout()
+"#,
+    );
+    assert!(out.contains("OK"), "{out}");
+    // mailgate connects from 127.0.0.1; Dovecot logs the client (127.0.0.2) through ID.
+    let log = setup.consumer.wait_for_log("rip=127.0.0.2", Duration::from_secs(10));
+    assert!(log.contains("user=<alice@skydesk.jp>"), "{log}");
+    let session = setup.mailgate.wait_for_log("client=127.0.0.2:", Duration::from_secs(10));
+    assert!(session.contains("result=ok"), "{session}");
+}
+
+/// A port nothing listens on.
+fn dead_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    addr
+}
+
+#[test]
+fn an_unreachable_backend_makes_the_login_try_the_next_in_the_users_order() {
+    // Pick a dead address that ranks before the live Dovecot for alice, so the login must
+    // move on (the order is mailgate's own rendezvous hash).
+    let consumer = dovecot(&CONSUMER_USERS, "imap");
+    let live = consumer.imap_addr().to_string();
+    let dead = loop {
+        let candidate = dead_port().to_string();
+        let probe = mailgate::routing::Pool {
+            name: "imap".into(),
+            imap: vec![
+                mailgate::routing::Backend::new(candidate.clone()),
+                mailgate::routing::Backend::new(live.clone()),
+            ],
+            smtp: Vec::new(),
+            backend_tls: mailgate::config::BackendTls::None,
+            imap_login: mailgate::routing::ImapLogin::Passthrough,
+            smtp_login: mailgate::config::SmtpLogin::Xclient,
+            connect_timeout: Duration::from_secs(1),
+        };
+        if probe.order(mailgate::config::Protocol::Imap, "alice@skydesk.jp")[0].address == candidate {
+            break candidate.parse::<SocketAddr>().expect("addr");
+        }
+    };
+    let organisation = dovecot(&ORGANISATION_USERS, "imappro");
+    let imap = Pool::master(&[dead, consumer.imap_addr()], &[], MASTER.0, MASTER.1);
+    let mailgate = Mailgate::start(&MailgateOpts::new(imap, pool(&organisation)));
+    let script = format!("{PRELUDE}\nm, r = try_login({}, 'alice', 'alice-pass')\nprint(r)\n", mailgate.port("imaps"));
+    let out = run_python(&script, CLIENT_TIMEOUT);
+    assert!(out.assert_success().starts_with("OK [CAPABILITY"), "{out}\n{}", mailgate.log());
+    let log = mailgate.wait_for_log("trying the next", Duration::from_secs(5));
+    assert!(log.contains(&format!("backend={}", consumer.imap_addr())), "{log}");
+}
+
+#[test]
+fn a_stopped_backend_gives_unavailable_before_login_and_a_prompt_close_after() {
+    let mut setup = Setup::start();
+    // Mid-session: log in, then stop the backend under the session.
+    let script = format!(
+        r#"{PRELUDE}
+import time
+m, r = try_login({port}, "dave@example.com", "dave-pass")
+print("login", r.split()[0])
+m.select("INBOX")
+print("ready", flush=True)
+sys.stdin.readline()
+start = time.time()
+try:
+    m.noop()
+    print("noop answered")
+except Exception as e:
+    print("closed after", round(time.time() - start, 1), type(e).__name__)
+"#,
+        port = setup.imaps()
+    );
+    let mut child = std::process::Command::new("python3")
+        .args(["-u", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    use std::io::{BufRead, Write};
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    while !line.contains("ready") && Instant::now() < deadline {
+        line.clear();
+        if stdout.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+    }
+    assert!(line.contains("ready"), "client did not log in: {line}\n{}", setup.mailgate.log());
+    setup.organisation.stop();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _ = stdin.write_all(b"go\n");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    let _ = child.wait();
+    assert!(rest.contains("closed after"), "{rest}");
+    let secs: f64 = rest
+        .split_ascii_whitespace()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(99.0);
+    assert!(secs < 10.0, "the close took {secs} s: {rest}");
+
+    // Before login: the organisation pool's only backend is gone.
+    let out = setup.python(
+        r#"
+m, r = try_login(PORT, "dave@example.com", "dave-pass")
+print(r)
+"#,
+    );
+    assert!(out.contains("NO [UNAVAILABLE] Mail server temporarily unavailable"), "{out}");
+    assert!(setup.mailgate.log().contains("result=backend_unavailable"));
+}
+
+#[test]
+fn sigterm_lets_a_spliced_session_work_until_the_drain_deadline() {
+    let mut setup = Setup::with(|o| o.drain_timeout("4s"));
+    let script = format!(
+        r#"{PRELUDE}
+import time
+m, r = try_login({port}, "alice", "alice-pass")
+m.select("INBOX")
+print("ready", flush=True)
+sys.stdin.readline()
+start = time.time()
+for i in range(20):
+    try:
+        typ, _ = m.noop()
+        print("noop", round(time.time() - start, 1), typ, flush=True)
+    except Exception as e:
+        print("closed", round(time.time() - start, 1), type(e).__name__, flush=True)
+        break
+    time.sleep(0.5)
+"#,
+        port = setup.imaps()
+    );
+    let mut child = std::process::Command::new("python3")
+        .args(["-u", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    use std::io::{BufRead, Read, Write};
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let _ = stdout.read_line(&mut line);
+    assert!(line.contains("ready"), "{line}\n{}", setup.mailgate.log());
+    setup.mailgate.signal("TERM");
+    setup.mailgate.wait_for_log("draining", Duration::from_secs(5));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _ = stdin.write_all(b"go\n");
+    let mut rest = String::new();
+    let _ = stdout.read_to_string(&mut rest);
+    let _ = child.wait();
+    // NOOPs keep working for about the drain deadline, then the session is closed.
+    let worked: Vec<f64> = rest
+        .lines()
+        .filter(|l| l.starts_with("noop") && l.ends_with("OK"))
+        .filter_map(|l| l.split_ascii_whitespace().nth(1)?.parse().ok())
+        .collect();
+    assert!(worked.iter().any(|&t| t >= 2.0), "NOOP stopped working early:\n{rest}");
+    assert!(rest.contains("closed"), "the session was not closed at the deadline:\n{rest}");
+    // New connections are refused while draining; the process exits after the drain.
+    let status = setup.mailgate.wait_exit(Duration::from_secs(15));
+    assert!(status.is_some_and(|s| s.success()), "mailgate did not exit: {status:?}\n{}", setup.mailgate.log());
+    let log = setup.mailgate.log();
+    assert!(log.contains("end=shutdown"), "{log}");
+}
