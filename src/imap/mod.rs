@@ -1,4 +1,7 @@
-//! IMAP: the pre-auth session (pure), replies, backend login.
+//! IMAP: the pre-auth session (pure), replies, backend login, connection driver.
+
 pub mod backend;
-pub mod reply;
+pub mod parse;
 pub mod proxy;
+pub mod reply;
+pub mod session;
