@@ -1,0 +1,203 @@
+//! Real clients with a deadline: Python scripts (`imaplib`, `smtplib`) and command-line tools
+//! (`curl`, `swaks`, `mbsync`, `doveadm`).
+//!
+//! A client that outlives its deadline is killed and its [`Output`] says `timed_out`, so a hung
+//! proxy fails the test instead of hanging it.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long to keep reading a finished client's pipes (held open only by a stray grandchild).
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// What a finished (or killed) client printed and how it ended.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The program and its arguments, for failure messages.
+    pub command: String,
+    /// The exit code; `None` when killed by a signal (including our timeout kill).
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// The deadline passed and the client was killed.
+    pub timed_out: bool,
+}
+
+impl Output {
+    /// Exited by itself with status 0.
+    pub fn success(&self) -> bool {
+        self.status == Some(0) && !self.timed_out
+    }
+
+    /// Panics with everything the client printed unless it succeeded; returns stdout.
+    #[track_caller]
+    pub fn assert_success(&self) -> &str {
+        assert!(self.success(), "client failed:\n{self}");
+        &self.stdout
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "$ {}\nstatus: {:?}{}",
+            self.command,
+            self.status,
+            if self.timed_out {
+                " (killed: timed out)"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(f, "--- stdout ---\n{}", self.stdout)?;
+        write!(f, "--- stderr ---\n{}", self.stderr)
+    }
+}
+
+/// Runs `program args…` with no standard input; kills it after `timeout`.
+pub fn run_cmd(program: &str, args: &[&str], timeout: Duration) -> Output {
+    run(program, args, None, timeout)
+}
+
+/// Runs `program args…` with `stdin` as its standard input; kills it after `timeout`.
+pub fn run_cmd_stdin(program: &str, args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
+    run(program, args, Some(stdin), timeout)
+}
+
+/// Runs a Python 3 script given as text (written to a temp file, run unbuffered with `-u`).
+pub fn run_python(script: &str, timeout: Duration) -> Output {
+    run_python_args(script, &[], timeout)
+}
+
+/// Like [`run_python`], with `sys.argv[1..]` = `args`.
+pub fn run_python_args(script: &str, args: &[&str], timeout: Duration) -> Output {
+    let mut file = tempfile::Builder::new()
+        .prefix("mgtest-client-")
+        .suffix(".py")
+        .tempfile()
+        .unwrap_or_else(|e| panic!("creating a temp file for a Python script: {e}"));
+    file.write_all(script.as_bytes())
+        .and_then(|()| file.flush())
+        .unwrap_or_else(|e| panic!("writing the Python script: {e}"));
+    let path = file.path().to_string_lossy().into_owned();
+    let mut argv = vec!["-u", path.as_str()];
+    argv.extend_from_slice(args);
+    run("python3", &argv, None, timeout)
+}
+
+/// [`run_python`] for async tests: the blocking wait runs on tokio's blocking pool, so a proxy
+/// spawned on the test's (current-thread) runtime keeps running meanwhile.
+pub async fn run_python_async(script: &str, timeout: Duration) -> Output {
+    let script = script.to_owned();
+    tokio::task::spawn_blocking(move || run_python(&script, timeout))
+        .await
+        .unwrap_or_else(|e| panic!("Python client task: {e}"))
+}
+
+/// [`run_cmd`] for async tests; see [`run_python_async`].
+pub async fn run_cmd_async(program: &str, args: &[&str], timeout: Duration) -> Output {
+    let program = program.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_cmd(&program, &args, timeout)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("client task: {e}"))
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    let command = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout kill takes any grandchildren along.
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning `{command}`: {e}"));
+
+    // Pipes are drained on their own threads so a chatty client never blocks on a full pipe.
+    let feeder = match (child.stdin.take(), stdin) {
+        (Some(mut pipe), Some(bytes)) => {
+            let bytes = bytes.to_vec();
+            // A client that exits early closes its stdin; the write error is not ours to report.
+            Some(thread::spawn(move || {
+                let _ = pipe.write_all(&bytes);
+            }))
+        }
+        _ => None,
+    };
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+
+    let deadline = Instant::now() + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() >= deadline => {
+                timed_out = true;
+                super::signal_group(child.id(), "KILL");
+                let _ = child.kill();
+                break child.wait().ok();
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("waiting for `{command}`: {e}"),
+        }
+    };
+    if let Some(feeder) = feeder {
+        let _ = feeder.join();
+    }
+    Output {
+        command,
+        status: status.and_then(|s| s.code()),
+        stdout: joined(stdout),
+        stderr: joined(stderr),
+        timed_out,
+    }
+}
+
+/// A pipe being read on its own thread into a shared buffer.
+struct Drain {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    reader: thread::JoinHandle<()>,
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> Drain {
+    let bytes = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&bytes);
+    let reader = thread::spawn(move || {
+        let Some(mut pipe) = pipe else { return };
+        let mut chunk = [0u8; 8192];
+        while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+            let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+            sink.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        }
+    });
+    Drain { bytes, reader }
+}
+
+/// What the pipe carried, waiting at most [`DRAIN_GRACE`] for its end.
+fn joined(drain: Drain) -> String {
+    let deadline = Instant::now() + DRAIN_GRACE;
+    while !drain.reader.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let bytes = drain.bytes.lock().unwrap_or_else(|p| p.into_inner());
+    String::from_utf8_lossy(&bytes).into_owned()
+}
