@@ -108,8 +108,12 @@ pub async fn authorize(
         .as_ref()
         .map(|r| r.address.clone())
         .unwrap_or_else(|| username.to_lowercase());
-    let outcome = context.auth.authenticate(&address, password, protocol).await;
-    let authzid_ok = authzid.is_none_or(|z| context.router.normalize(z).as_deref() == Some(address.as_str()));
+    let outcome = context
+        .auth
+        .authenticate(&address, password, protocol)
+        .await;
+    let authzid_ok =
+        authzid.is_none_or(|z| context.router.normalize(z).as_deref() == Some(address.as_str()));
     match (outcome.decision, route, outcome.account) {
         (Decision::Allow, Some(route), Some(account)) if authzid_ok => Ok(Grant { route, account }),
         (Decision::Deny(result), _, _) => Err(result),
@@ -123,8 +127,10 @@ mod tests {
 
     #[test]
     fn messages_substitute_help_url_and_cannot_break_lines() {
-        let mut messages = Messages::default();
-        messages.help_url = "https://help.example/app\r\nA1 OK".into();
+        let messages = Messages {
+            help_url: "https://help.example/app\r\nA1 OK".into(),
+            ..Messages::default()
+        };
         let text = message(LoginResult::AppPasswordRequired, Protocol::Imap, &messages);
         assert_eq!(
             text,

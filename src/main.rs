@@ -11,7 +11,11 @@ use mailgate::config::Config;
 use mailgate::shutdown::{self, Phase};
 
 #[derive(Parser)]
-#[command(name = "mailgate", version, about = "IMAP and SMTP-submission reverse proxy")]
+#[command(
+    name = "mailgate",
+    version,
+    about = "IMAP and SMTP-submission reverse proxy"
+)]
 struct Cli {
     /// Log format: `text` for a terminal, `json` for log pipelines.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -125,7 +129,10 @@ fn run(path: &std::path::Path) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::from(2);
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");

@@ -66,7 +66,11 @@ impl Server {
         let store = AccountStore::load(&config.accounts.path).map_err(|errors| {
             anyhow::anyhow!(
                 "account data:\n{}",
-                errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n")
+                errors
+                    .iter()
+                    .map(|e| format!("  {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             )
         })?;
         let router = Router::from_config(&config)?;
@@ -175,20 +179,30 @@ const FALLBACK_SMTP_EXTENSIONS: [&str; 3] = ["PIPELINING", "8BITMIME", "ENHANCED
 
 /// Asks every SMTP backend for its EHLO extensions.
 async fn probe_smtp(config: &Config, router: &Router, hostname: &str) -> Vec<String> {
-    if !config.listeners.iter().any(|l| l.protocol == Protocol::Smtp) {
+    if !config
+        .listeners
+        .iter()
+        .any(|l| l.protocol == Protocol::Smtp)
+    {
         return Vec::new();
     }
     let mut probed = Vec::new();
     for pool in router.pools() {
         for backend in &pool.smtp {
-            match crate::smtp::backend::probe(&backend.address, hostname, pool.connect_timeout).await {
+            match crate::smtp::backend::probe(&backend.address, hostname, pool.connect_timeout)
+                .await
+            {
                 Ok(extensions) => probed.push(extensions),
-                Err(e) => tracing::warn!(pool = %pool.name, backend = %backend.address, error = %e, "SMTP backend probe failed"),
+                Err(e) => {
+                    tracing::warn!(pool = %pool.name, backend = %backend.address, error = %e, "SMTP backend probe failed")
+                }
             }
         }
     }
     if probed.is_empty() {
-        tracing::warn!("no SMTP backend answered the EHLO probe; offering a minimal extension list");
+        tracing::warn!(
+            "no SMTP backend answered the EHLO probe; offering a minimal extension list"
+        );
         return FALLBACK_SMTP_EXTENSIONS.map(String::from).to_vec();
     }
     crate::smtp::backend::common_extensions(&probed)

@@ -111,7 +111,11 @@ impl Setup {
     fn python(&self, body: &str) -> String {
         let script = format!("{PRELUDE}\nPORT = int(sys.argv[1])\n{body}");
         let out = run_python_args(&script, &[&self.imaps()], CLIENT_TIMEOUT);
-        assert!(out.success(), "{out}\n--- mailgate ---\n{}", self.mailgate.log());
+        assert!(
+            out.success(),
+            "{out}\n--- mailgate ---\n{}",
+            self.mailgate.log()
+        );
         out.stdout
     }
 }
@@ -130,9 +134,18 @@ for user, password in [("alice@skydesk.jp", "alice-pass"), ("Alice", "alice-pass
     m.logout()
 "#,
     );
-    assert!(out.contains("alice@skydesk.jp subject: Subject: welcome from pool imap\n"), "{out}");
-    assert!(out.contains("Alice subject: Subject: welcome from pool imap\n"), "{out}");
-    assert!(out.contains("dave@example.com subject: Subject: welcome from pool imappro\n"), "{out}");
+    assert!(
+        out.contains("alice@skydesk.jp subject: Subject: welcome from pool imap\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Alice subject: Subject: welcome from pool imap\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("dave@example.com subject: Subject: welcome from pool imappro\n"),
+        "{out}"
+    );
     // The tagged OK carries the backend's post-login capabilities (SORT is not in mailgate's
     // own pre-auth list), under the client's own tag.
     for user in ["alice@skydesk.jp", "Alice", "dave@example.com"] {
@@ -140,22 +153,44 @@ for user, password in [("alice@skydesk.jp", "alice-pass"), ("Alice", "alice-pass
             .lines()
             .find(|l| l.starts_with(&format!("{user} login:")))
             .unwrap_or_default();
-        assert!(line.contains("OK [CAPABILITY IMAP4rev1") && line.contains(" SORT") && line.ends_with("] Logged in"), "{line}");
+        assert!(
+            line.contains("OK [CAPABILITY IMAP4rev1")
+                && line.contains(" SORT")
+                && line.ends_with("] Logged in"),
+            "{line}"
+        );
     }
 
     // curl, a different client: a bare user name and an organisation user.
-    for (user, pool) in [("alice:alice-pass", "imap"), ("dave@example.com:dave-pass", "imappro")] {
+    for (user, pool) in [
+        ("alice:alice-pass", "imap"),
+        ("dave@example.com:dave-pass", "imappro"),
+    ] {
         let url = format!("imaps://127.0.0.1:{}/INBOX;UID=1", setup.imaps());
-        let out = run_cmd("curl", &["-sSk", "--max-time", "20", "-u", user, &url], CLIENT_TIMEOUT);
+        let out = run_cmd(
+            "curl",
+            &["-sSk", "--max-time", "20", "-u", user, &url],
+            CLIENT_TIMEOUT,
+        );
         assert!(
-            out.assert_success().contains(&format!("This mailbox lives in pool {pool}.")),
+            out.assert_success()
+                .contains(&format!("This mailbox lives in pool {pool}.")),
             "{out}"
         );
     }
     let log = setup.mailgate.log();
-    assert!(log.contains("user=alice@skydesk.jp pool=imap backend="), "{log}");
-    assert!(log.contains("user=dave@example.com pool=imappro backend="), "{log}");
-    assert!(!log.contains("alice-pass") && !log.contains("dave-pass"), "a password reached the log:\n{log}");
+    assert!(
+        log.contains("user=alice@skydesk.jp pool=imap backend="),
+        "{log}"
+    );
+    assert!(
+        log.contains("user=dave@example.com pool=imappro backend="),
+        "{log}"
+    );
+    assert!(
+        !log.contains("alice-pass") && !log.contains("dave-pass"),
+        "a password reached the log:\n{log}"
+    );
 }
 
 #[test]
@@ -191,14 +226,31 @@ for user, password in cases:
         "nobody@skydesk.jp alice-pass => NO [AUTHENTICATIONFAILED] Invalid credentials",
     ];
     for line in expect {
-        assert!(out.lines().any(|l| l == line), "missing `{line}` in:\n{out}");
+        assert!(
+            out.lines().any(|l| l == line),
+            "missing `{line}` in:\n{out}"
+        );
     }
-    for ok in ["bob@skydesk.jp bob-app-pass => OK [CAPABILITY", "carol@skydesk.jp carol-app-pass => OK [CAPABILITY"] {
-        assert!(out.lines().any(|l| l.starts_with(ok)), "missing `{ok}` in:\n{out}");
+    for ok in [
+        "bob@skydesk.jp bob-app-pass => OK [CAPABILITY",
+        "carol@skydesk.jp carol-app-pass => OK [CAPABILITY",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(ok)),
+            "missing `{ok}` in:\n{out}"
+        );
     }
     let log = setup.mailgate.log();
-    for word in ["imap_disabled", "policy_denied", "app_password_required", "invalid_credentials"] {
-        assert!(log.contains(&format!("result={word}")), "no result={word} in the log:\n{log}");
+    for word in [
+        "imap_disabled",
+        "policy_denied",
+        "app_password_required",
+        "invalid_credentials",
+    ] {
+        assert!(
+            log.contains(&format!("result={word}")),
+            "no result={word} in the log:\n{log}"
+        );
     }
 }
 
@@ -242,7 +294,9 @@ print("seeded")
 "#,
         port = setup.consumer.imap_addr().port()
     );
-    assert!(run_python(&seed, CLIENT_TIMEOUT).assert_success().contains("seeded"));
+    assert!(run_python(&seed, CLIENT_TIMEOUT)
+        .assert_success()
+        .contains("seeded"));
 
     let sync = |name: &str, account: &str| -> Vec<Vec<u8>> {
         let dir = setup.mailgate.dir().join(name);
@@ -253,8 +307,16 @@ print("seeded")
         );
         let path = dir.join("mbsyncrc");
         std::fs::write(&path, config).expect("write mbsyncrc");
-        let out = run_cmd("mbsync", &["-c", &path.to_string_lossy(), "-a"], CLIENT_TIMEOUT);
-        assert!(out.success(), "{out}\n--- mailgate ---\n{}", setup.mailgate.log());
+        let out = run_cmd(
+            "mbsync",
+            &["-c", &path.to_string_lossy(), "-a"],
+            CLIENT_TIMEOUT,
+        );
+        assert!(
+            out.success(),
+            "{out}\n--- mailgate ---\n{}",
+            setup.mailgate.log()
+        );
         let mut messages: Vec<Vec<u8>> = ["cur", "new"]
             .iter()
             .filter_map(|sub| std::fs::read_dir(dir.join("INBOX").join(sub)).ok())
@@ -281,7 +343,10 @@ print("seeded")
         ),
     );
     assert_eq!(through.len(), 301, "300 seeded + the welcome message");
-    assert!(through == direct, "mbsync through mailgate and direct differ");
+    assert!(
+        through == direct,
+        "mbsync through mailgate and direct differ"
+    );
 }
 
 #[test]
@@ -318,15 +383,32 @@ time.sleep(0.5)
 after += lines(t, b"never", 1.0)
 print("AFTER", after.replace("\r\n", " | "))
 "#;
-    let out = run_python_args(script, &[&setup.mailgate.port("imap").to_string()], CLIENT_TIMEOUT);
+    let out = run_python_args(
+        script,
+        &[&setup.mailgate.port("imap").to_string()],
+        CLIENT_TIMEOUT,
+    );
     let out = out.assert_success();
-    assert!(out.contains("GREETING * OK [CAPABILITY IMAP4rev1") && out.contains("STARTTLS LOGINDISABLED"), "{out}");
+    assert!(
+        out.contains("GREETING * OK [CAPABILITY IMAP4rev1")
+            && out.contains("STARTTLS LOGINDISABLED"),
+        "{out}"
+    );
     assert!(out.contains("PLAIN-LOGIN p NO [PRIVACYREQUIRED]"), "{out}");
     assert!(out.contains("STARTTLS a OK"), "{out}");
-    let after = out.lines().find(|l| l.starts_with("AFTER")).unwrap_or_default();
+    let after = out
+        .lines()
+        .find(|l| l.starts_with("AFTER"))
+        .unwrap_or_default();
     assert!(after.contains("b OK"), "{out}");
-    assert!(after.contains("AUTH=PLAIN") && !after.contains("LOGINDISABLED"), "{out}");
-    assert!(!after.contains("z "), "the pipelined `z NOOP` was answered: {out}");
+    assert!(
+        after.contains("AUTH=PLAIN") && !after.contains("LOGINDISABLED"),
+        "{out}"
+    );
+    assert!(
+        !after.contains("z "),
+        "the pipelined `z NOOP` was answered: {out}"
+    );
 }
 
 #[test]
@@ -341,9 +423,13 @@ m.logout()
     );
     assert!(out.contains("OK"), "{out}");
     // mailgate connects from 127.0.0.1; Dovecot logs the client (127.0.0.2) through ID.
-    let log = setup.consumer.wait_for_log("rip=127.0.0.2", Duration::from_secs(10));
+    let log = setup
+        .consumer
+        .wait_for_log("rip=127.0.0.2", Duration::from_secs(10));
     assert!(log.contains("user=<alice@skydesk.jp>"), "{log}");
-    let session = setup.mailgate.wait_for_log("client=127.0.0.2:", Duration::from_secs(10));
+    let session = setup
+        .mailgate
+        .wait_for_log("client=127.0.0.2:", Duration::from_secs(10));
     assert!(session.contains("result=ok"), "{session}");
 }
 
@@ -375,18 +461,29 @@ fn an_unreachable_backend_makes_the_login_try_the_next_in_the_users_order() {
             smtp_login: mailgate::config::SmtpLogin::Xclient,
             connect_timeout: Duration::from_secs(1),
         };
-        if probe.order(mailgate::config::Protocol::Imap, "alice@skydesk.jp")[0].address == candidate {
+        if probe.order(mailgate::config::Protocol::Imap, "alice@skydesk.jp")[0].address == candidate
+        {
             break candidate.parse::<SocketAddr>().expect("addr");
         }
     };
     let organisation = dovecot(&ORGANISATION_USERS, "imappro");
     let imap = Pool::master(&[dead, consumer.imap_addr()], &[], MASTER.0, MASTER.1);
     let mailgate = Mailgate::start(&MailgateOpts::new(imap, pool(&organisation)));
-    let script = format!("{PRELUDE}\nm, r = try_login({}, 'alice', 'alice-pass')\nprint(r)\n", mailgate.port("imaps"));
+    let script = format!(
+        "{PRELUDE}\nm, r = try_login({}, 'alice', 'alice-pass')\nprint(r)\n",
+        mailgate.port("imaps")
+    );
     let out = run_python(&script, CLIENT_TIMEOUT);
-    assert!(out.assert_success().starts_with("OK [CAPABILITY"), "{out}\n{}", mailgate.log());
+    assert!(
+        out.assert_success().starts_with("OK [CAPABILITY"),
+        "{out}\n{}",
+        mailgate.log()
+    );
     let log = mailgate.wait_for_log("trying the next", Duration::from_secs(5));
-    assert!(log.contains(&format!("backend={}", consumer.imap_addr())), "{log}");
+    assert!(
+        log.contains(&format!("backend={}", consumer.imap_addr())),
+        "{log}"
+    );
 }
 
 #[test]
@@ -426,7 +523,11 @@ except Exception as e:
             break;
         }
     }
-    assert!(line.contains("ready"), "client did not log in: {line}\n{}", setup.mailgate.log());
+    assert!(
+        line.contains("ready"),
+        "client did not log in: {line}\n{}",
+        setup.mailgate.log()
+    );
     setup.organisation.stop();
     let mut stdin = child.stdin.take().expect("stdin");
     let _ = stdin.write_all(b"go\n");
@@ -448,7 +549,10 @@ m, r = try_login(PORT, "dave@example.com", "dave-pass")
 print(r)
 "#,
     );
-    assert!(out.contains("NO [UNAVAILABLE] Mail server temporarily unavailable"), "{out}");
+    assert!(
+        out.contains("NO [UNAVAILABLE] Mail server temporarily unavailable"),
+        "{out}"
+    );
     assert!(setup.mailgate.log().contains("result=backend_unavailable"));
 }
 
@@ -486,7 +590,9 @@ for i in range(20):
     let _ = stdout.read_line(&mut line);
     assert!(line.contains("ready"), "{line}\n{}", setup.mailgate.log());
     setup.mailgate.signal("TERM");
-    setup.mailgate.wait_for_log("draining", Duration::from_secs(5));
+    setup
+        .mailgate
+        .wait_for_log("draining", Duration::from_secs(5));
     let mut stdin = child.stdin.take().expect("stdin");
     let _ = stdin.write_all(b"go\n");
     let mut rest = String::new();
@@ -498,11 +604,21 @@ for i in range(20):
         .filter(|l| l.starts_with("noop") && l.ends_with("OK"))
         .filter_map(|l| l.split_ascii_whitespace().nth(1)?.parse().ok())
         .collect();
-    assert!(worked.iter().any(|&t| t >= 2.0), "NOOP stopped working early:\n{rest}");
-    assert!(rest.contains("closed"), "the session was not closed at the deadline:\n{rest}");
+    assert!(
+        worked.iter().any(|&t| t >= 2.0),
+        "NOOP stopped working early:\n{rest}"
+    );
+    assert!(
+        rest.contains("closed"),
+        "the session was not closed at the deadline:\n{rest}"
+    );
     // New connections are refused while draining; the process exits after the drain.
     let status = setup.mailgate.wait_exit(Duration::from_secs(15));
-    assert!(status.is_some_and(|s| s.success()), "mailgate did not exit: {status:?}\n{}", setup.mailgate.log());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "mailgate did not exit: {status:?}\n{}",
+        setup.mailgate.log()
+    );
     let log = setup.mailgate.log();
     assert!(log.contains("end=shutdown"), "{log}");
 }

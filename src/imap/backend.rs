@@ -12,8 +12,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use crate::backend::BackendError;
 use crate::backend::connect;
+pub use crate::backend::BackendError;
 use crate::routing::ImapLogin;
 
 /// Longest backend response mailgate reads during login (lines plus literals).

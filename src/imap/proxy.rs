@@ -7,8 +7,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::config::{ListenerTls, Protocol};
 use crate::backend::{first_available, BackendError};
+use crate::config::{ListenerTls, Protocol};
 use crate::imap::backend::{self, BackendSession, LoginRequest};
 use crate::imap::reply;
 use crate::imap::session::{Credentials, Event, PreAuth, SessionConfig, BYE_SHUTDOWN, BYE_TIMEOUT};
@@ -76,7 +76,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut session = PreAuth::new(cfg);
-    let mut pending: Vec<u8> = if greet { session.greeting() } else { Vec::new() };
+    let mut pending: Vec<u8> = if greet {
+        session.greeting()
+    } else {
+        Vec::new()
+    };
     let mut step = session.input(&[]);
     let mut attempts = 0u32;
     let max_attempts = conn.context.config.limits.max_auth_attempts;
@@ -134,12 +138,22 @@ where
                         log.backend = Some(address);
                         log.result = LoginResult::Ok.as_str();
                         let pipelined = session.into_pipelined();
-                        splice(conn, log, stream, &credentials.tag, grant, backend, &pipelined).await;
+                        splice(
+                            conn,
+                            log,
+                            stream,
+                            &credentials.tag,
+                            grant,
+                            backend,
+                            &pipelined,
+                        )
+                        .await;
                         return None;
                     }
                     Err(result) => {
                         log.result = result.as_str();
-                        pending = reply::refused(&credentials.tag, result, &conn.context.config.messages);
+                        pending =
+                            reply::refused(&credentials.tag, result, &conn.context.config.messages);
                         if attempts >= max_attempts {
                             pending.extend_from_slice(b"* BYE Too many failed logins\r\n");
                             let _ = write(&mut stream, &pending).await;
@@ -171,9 +185,18 @@ async fn log_in(
     let pool = &grant.route.pool;
     let mut id = vec![
         ("x-originating-ip".to_string(), conn.peer.ip().to_string()),
-        ("x-originating-port".to_string(), conn.peer.port().to_string()),
-        ("x-connected-ip".to_string(), conn.local_addr().ip().to_string()),
-        ("x-connected-port".to_string(), conn.local_addr().port().to_string()),
+        (
+            "x-originating-port".to_string(),
+            conn.peer.port().to_string(),
+        ),
+        (
+            "x-connected-ip".to_string(),
+            conn.local_addr().ip().to_string(),
+        ),
+        (
+            "x-connected-port".to_string(),
+            conn.local_addr().port().to_string(),
+        ),
         ("x-session-id".to_string(), conn.id.clone()),
     ];
     // The client's own fields, but never an `x-` one: those tell the backend things
@@ -241,7 +264,8 @@ async fn splice<S>(
     }
     log.client_to_backend += pipelined.len() as u64;
     let idle = conn.context.config.limits.idle_timeout.0;
-    let (end, stats) = relay::splice(&mut client, &mut backend.stream, idle, &mut conn.shutdown).await;
+    let (end, stats) =
+        relay::splice(&mut client, &mut backend.stream, idle, &mut conn.shutdown).await;
     log.client_to_backend += stats.client_to_backend;
     log.backend_to_client += stats.backend_to_client;
     log.end = end.as_str();
@@ -259,8 +283,17 @@ mod tests {
     #[test]
     fn backend_refusals_map_to_client_results() {
         assert_eq!(refused_result(None), LoginResult::InvalidCredentials);
-        assert_eq!(refused_result(Some("AUTHENTICATIONFAILED")), LoginResult::InvalidCredentials);
-        assert_eq!(refused_result(Some("unavailable")), LoginResult::BackendUnavailable);
-        assert_eq!(refused_result(Some("LIMIT")), LoginResult::TooManyConnections);
+        assert_eq!(
+            refused_result(Some("AUTHENTICATIONFAILED")),
+            LoginResult::InvalidCredentials
+        );
+        assert_eq!(
+            refused_result(Some("unavailable")),
+            LoginResult::BackendUnavailable
+        );
+        assert_eq!(
+            refused_result(Some("LIMIT")),
+            LoginResult::TooManyConnections
+        );
     }
 }

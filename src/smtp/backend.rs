@@ -51,7 +51,11 @@ pub struct BackendSession {
 ///
 /// # Errors
 /// As for `login`.
-pub async fn probe(address: &str, hostname: &str, timeout: Duration) -> Result<Vec<String>, BackendError> {
+pub async fn probe(
+    address: &str,
+    hostname: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, BackendError> {
     let stream = connect(address, timeout).await?;
     let mut conn = Conn::new(stream);
     tokio::time::timeout(timeout, async {
@@ -69,7 +73,10 @@ pub async fn probe(address: &str, hostname: &str, timeout: Duration) -> Result<V
 /// # Errors
 /// `Unreachable` (try the next backend), `Refused` (the backend said no to the login or to
 /// XCLIENT), `Failed` for anything else.
-pub async fn login(address: &str, request: &LoginRequest<'_>) -> Result<BackendSession, BackendError> {
+pub async fn login(
+    address: &str,
+    request: &LoginRequest<'_>,
+) -> Result<BackendSession, BackendError> {
     let stream = connect(address, request.connect_timeout).await?;
     let mut conn = Conn::new(stream);
     tokio::time::timeout(request.login_timeout, conn.log_in(request))
@@ -127,9 +134,12 @@ impl Conn {
             }
             SmtpLogin::Master => {
                 let Some((master, secret)) = request.master else {
-                    return Err(BackendError::Failed("master mode without master credentials".into()));
+                    return Err(BackendError::Failed(
+                        "master mode without master credentials".into(),
+                    ));
                 };
-                self.auth_plain(request.user, master, secret.expose().as_bytes()).await?;
+                self.auth_plain(request.user, master, secret.expose().as_bytes())
+                    .await?;
             }
             SmtpLogin::Passthrough => {
                 self.auth_plain("", request.user, request.password).await?;
@@ -138,7 +148,12 @@ impl Conn {
         Ok(())
     }
 
-    async fn auth_plain(&mut self, authzid: &str, authcid: &str, password: &[u8]) -> Result<(), BackendError> {
+    async fn auth_plain(
+        &mut self,
+        authzid: &str,
+        authcid: &str,
+        password: &[u8],
+    ) -> Result<(), BackendError> {
         let mut plain = Vec::with_capacity(authzid.len() + authcid.len() + password.len() + 2);
         plain.extend_from_slice(authzid.as_bytes());
         plain.push(0);
@@ -146,7 +161,8 @@ impl Conn {
         plain.push(0);
         plain.extend_from_slice(password);
         let b64 = base64::engine::general_purpose::STANDARD.encode(&plain);
-        self.send(format!("AUTH PLAIN {b64}\r\n").as_bytes()).await?;
+        self.send(format!("AUTH PLAIN {b64}\r\n").as_bytes())
+            .await?;
         let reply = self.reply().await?;
         match reply.code {
             235 => Ok(()),
@@ -160,7 +176,10 @@ impl Conn {
         let reply = self.reply().await?;
         match reply.code {
             220 => Ok(()),
-            421 | 554 => Err(BackendError::Unreachable(format!("greeted with {}", reply.code))),
+            421 | 554 => Err(BackendError::Unreachable(format!(
+                "greeted with {}",
+                reply.code
+            ))),
             code => Err(BackendError::Failed(format!("unexpected greeting {code}"))),
         }
     }
@@ -170,7 +189,10 @@ impl Conn {
         self.send(format!("EHLO {name}\r\n").as_bytes()).await?;
         let reply = self.reply().await?;
         if reply.code != 250 {
-            return Err(BackendError::Failed(format!("EHLO answered {}", reply.code)));
+            return Err(BackendError::Failed(format!(
+                "EHLO answered {}",
+                reply.code
+            )));
         }
         Ok(reply.lines.into_iter().skip(1).collect())
     }
@@ -282,7 +304,10 @@ mod tests {
 
     #[test]
     fn reply_lines() {
-        assert_eq!(parse_reply_line("250-SIZE 1000"), Some((250, false, "SIZE 1000".into())));
+        assert_eq!(
+            parse_reply_line("250-SIZE 1000"),
+            Some((250, false, "SIZE 1000".into()))
+        );
         assert_eq!(parse_reply_line("250 OK"), Some((250, true, "OK".into())));
         assert_eq!(parse_reply_line("220"), Some((220, true, String::new())));
         assert_eq!(parse_reply_line("2x0 OK"), None);
@@ -342,13 +367,26 @@ mod combine_tests {
 
     #[test]
     fn common_extensions_intersect_and_take_the_smallest_size() {
-        let a = vec!["PIPELINING".to_string(), "SIZE 30000000".into(), "8BITMIME".into(), "SMTPUTF8".into()];
-        let b = vec!["SIZE 10240000".to_string(), "PIPELINING".into(), "8BITMIME".into()];
+        let a = vec![
+            "PIPELINING".to_string(),
+            "SIZE 30000000".into(),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+        ];
+        let b = vec![
+            "SIZE 10240000".to_string(),
+            "PIPELINING".into(),
+            "8BITMIME".into(),
+        ];
         assert_eq!(
             common_extensions(&[a.clone(), b]),
-            vec!["PIPELINING".to_string(), "SIZE 10240000".into(), "8BITMIME".into()]
+            vec![
+                "PIPELINING".to_string(),
+                "SIZE 10240000".into(),
+                "8BITMIME".into()
+            ]
         );
-        assert_eq!(common_extensions(&[a.clone()]), a);
+        assert_eq!(common_extensions(std::slice::from_ref(&a)), a);
         assert!(common_extensions(&[]).is_empty());
     }
 }

@@ -3,7 +3,7 @@
 pub mod backend;
 mod command;
 pub mod ehlo;
+pub mod proxy;
 pub mod reply;
 mod sasl;
 pub mod session;
-pub mod proxy;

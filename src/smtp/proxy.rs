@@ -36,7 +36,8 @@ pub async fn serve(mut conn: Connection, tcp: TcpStream) {
             }
         }
         ListenerTls::Starttls => {
-            if let Some(tcp) = session(&mut conn, &mut log, tcp, false, true, true, deadline).await {
+            if let Some(tcp) = session(&mut conn, &mut log, tcp, false, true, true, deadline).await
+            {
                 if let Some(tls) = conn.tls_handshake(&mut log, tcp).await {
                     // No new greeting after STARTTLS; the client must EHLO again (RFC 3207).
                     let _ = session(&mut conn, &mut log, tls, true, false, false, deadline).await;
@@ -144,11 +145,14 @@ where
                     Err(result) => {
                         log.result = result.as_str();
                         let refusal = login_reply(result, &context.config.messages);
-                        let last = result == LoginResult::TooManyConnections || attempts >= max_attempts;
+                        let last =
+                            result == LoginResult::TooManyConnections || attempts >= max_attempts;
                         if last {
                             let mut bye = refusal;
                             if result != LoginResult::TooManyConnections {
-                                bye.extend_from_slice(b"421 4.7.0 Too many failed authentications\r\n");
+                                bye.extend_from_slice(
+                                    b"421 4.7.0 Too many failed authentications\r\n",
+                                );
                             }
                             goodbye(&mut stream, &bye).await;
                             log.end = "too_many_attempts";
@@ -215,7 +219,9 @@ async fn log_in(
         Ok((address, session)) => Ok((grant, address, session)),
         // The backend refused a session the account rules allowed: a configuration fault
         // (XCLIENT not authorized, master user wrong), or a wrong password in passthrough.
-        Err(BackendError::Refused { code }) if code.as_deref().is_some_and(|c| c.starts_with('5')) => {
+        Err(BackendError::Refused { code })
+            if code.as_deref().is_some_and(|c| c.starts_with('5')) =>
+        {
             Err(LoginResult::InvalidCredentials)
         }
         Err(_) => Err(LoginResult::BackendUnavailable),
@@ -246,7 +252,8 @@ async fn splice<S>(
     }
     log.client_to_backend += pipelined.len() as u64;
     let idle = conn.context.config.limits.idle_timeout.0;
-    let (end, stats) = relay::splice(&mut client, &mut backend.stream, idle, &mut conn.shutdown).await;
+    let (end, stats) =
+        relay::splice(&mut client, &mut backend.stream, idle, &mut conn.shutdown).await;
     log.client_to_backend += stats.client_to_backend;
     log.backend_to_client += stats.backend_to_client;
     log.end = end.as_str();

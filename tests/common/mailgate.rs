@@ -101,14 +101,20 @@ fn pool_yaml(out: &mut String, name: &str, pool: &Pool, smtp_login: &str) {
     let _ = writeln!(out, "    backend_tls: none");
     match &pool.login {
         Login::Master { user, password } => {
-            let _ = writeln!(out, "    login: {{ mode: master, user: \"{user}\", password: \"{password}\" }}");
+            let _ = writeln!(
+                out,
+                "    login: {{ mode: master, user: \"{user}\", password: \"{password}\" }}"
+            );
         }
         Login::Passthrough => {
             let _ = writeln!(out, "    login: {{ mode: passthrough }}");
         }
     }
     let _ = writeln!(out, "    smtp_login: {smtp_login}");
-    let _ = writeln!(out, "    health: {{ interval: 5s, timeout: 2s, fall: 2, rise: 2 }}");
+    let _ = writeln!(
+        out,
+        "    health: {{ interval: 5s, timeout: 2s, fall: 2, rise: 2 }}"
+    );
 }
 
 impl Mailgate {
@@ -158,9 +164,16 @@ impl Mailgate {
                 return mailgate;
             }
             if let Some(status) = mailgate.try_wait() {
-                panic!("mailgate exited ({status}) before listening:\n{}\nconfig:\n{config}", mailgate.log());
+                panic!(
+                    "mailgate exited ({status}) before listening:\n{}\nconfig:\n{config}",
+                    mailgate.log()
+                );
             }
-            assert!(Instant::now() < deadline, "mailgate did not listen in 20 s:\n{}", mailgate.log());
+            assert!(
+                Instant::now() < deadline,
+                "mailgate did not listen in 20 s:\n{}",
+                mailgate.log()
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -186,7 +199,11 @@ impl Mailgate {
             "  certificates:\n    - {{ cert: \"{0}/tls/dev.crt\", key: \"{0}/tls/dev.key\" }}",
             dir.display()
         );
-        let _ = writeln!(out, "accounts:\n  source: file\n  path: \"{}\"", opts.accounts.display());
+        let _ = writeln!(
+            out,
+            "accounts:\n  source: file\n  path: \"{}\"",
+            opts.accounts.display()
+        );
         let _ = writeln!(
             out,
             "routing:\n  consumer_domains: [skydesk.jp]\n  default_domain: skydesk.jp\n  consumer_pool: imap\n  organisation_pool: imappro"
@@ -199,7 +216,10 @@ impl Mailgate {
             let _ = writeln!(out, "  {line}");
         }
         let _ = writeln!(out, "shutdown:\n  drain_timeout: {}", opts.drain_timeout);
-        let _ = writeln!(out, "messages:\n  help_url: https://help.example/app-passwords");
+        let _ = writeln!(
+            out,
+            "messages:\n  help_url: https://help.example/app-passwords"
+        );
         out
     }
 
@@ -239,7 +259,10 @@ impl Mailgate {
             if log.contains(needle) {
                 return log;
             }
-            assert!(Instant::now() < deadline, "no `{needle}` in mailgate's log after {timeout:?}:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` in mailgate's log after {timeout:?}:\n{log}"
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -254,7 +277,9 @@ impl Mailgate {
     }
 
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits for the process to exit, at most `timeout`.

@@ -24,6 +24,7 @@
 
 pub mod clients;
 pub mod dovecot;
+pub mod mailgate;
 pub mod postfix;
 
 use std::io::{BufRead, BufReader};
