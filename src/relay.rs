@@ -143,7 +143,11 @@ where
     };
     let end = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, RELAY_BUFFER, RELAY_BUFFER) => {
-            if r.is_ok() { RelayEnd::Closed } else { RelayEnd::Error }
+            match r {
+                Ok(_) => RelayEnd::Closed,
+                Err(e) if is_disconnect(&e) => RelayEnd::Closed,
+                Err(_) => RelayEnd::Error,
+            }
         }
         () = idle => RelayEnd::IdleTimeout,
         () = shutdown.reached(Phase::Closing) => RelayEnd::Shutdown,
@@ -153,6 +157,16 @@ where
         backend_to_client: backend.read,
     };
     (end, stats)
+}
+
+/// An ordinary way for a peer to go away (a reset, or TLS closed without close_notify, as
+/// many clients do): not an error worth reporting.
+fn is_disconnect(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
 }
 
 #[cfg(test)]

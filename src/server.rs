@@ -127,7 +127,7 @@ impl Server {
         for listener in self.listeners {
             tracing::info!(
                 listener = %listener.config.name,
-                protocol = listener.config.protocol.as_str(),
+                protocol = %listener.config.protocol.as_str(),
                 address = %listener.local_addr,
                 tls = ?listener.config.tls,
                 "listening"
@@ -337,13 +337,13 @@ impl SessionLog {
             target: "mailgate::session",
             session = %conn.id,
             listener = %conn.listener.config.name,
-            protocol = conn.listener.config.protocol.as_str(),
+            protocol = %conn.listener.config.protocol.as_str(),
             client = %conn.peer,
-            user = self.user.as_deref().unwrap_or("-"),
-            pool = self.pool.as_deref().unwrap_or("-"),
-            backend = self.backend.as_deref().unwrap_or("-"),
-            result = self.result,
-            end = self.end,
+            user = %self.user.as_deref().unwrap_or("-"),
+            pool = %self.pool.as_deref().unwrap_or("-"),
+            backend = %self.backend.as_deref().unwrap_or("-"),
+            result = %self.result,
+            end = %self.end,
             bytes_in = self.client_to_backend,
             bytes_out = self.backend_to_client,
             duration_ms = u64::try_from(conn.start.elapsed().as_millis()).unwrap_or(u64::MAX),

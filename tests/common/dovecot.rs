@@ -70,6 +70,8 @@ impl DovecotOpts {
 pub struct Dovecot {
     /// The `dovecot -F` master, our child so it can always be reaped.
     child: Option<Child>,
+    /// `instance_name`: every process of this Dovecot carries it in its title.
+    instance: String,
     conf: PathBuf,
     log_path: PathBuf,
     stderr_path: PathBuf,
@@ -129,7 +131,11 @@ impl Dovecot {
             .lmtp
             .then(|| loopback(ports.get(1).copied().unwrap_or_default()));
         let conf = root.join("dovecot.conf");
-        write_file(&conf, &config(&root, uid, gid, imap_addr, lmtp_addr));
+        let instance = unique_name("dovecot");
+        write_file(
+            &conf,
+            &config(&root, &instance, uid, gid, imap_addr, lmtp_addr),
+        );
 
         let log_path = root.join("dovecot.log");
         let stderr_path = root.join("dovecot.stderr");
@@ -147,6 +153,7 @@ impl Dovecot {
 
         let mut dovecot = Dovecot {
             child: Some(child),
+            instance,
             conf,
             log_path,
             stderr_path,
@@ -353,6 +360,10 @@ impl Dovecot {
             let _ = child.kill();
         }
         let _ = child.wait();
+        // A session process (`dovecot-<instance>/imap`) outlives its master: end them too, so
+        // a stopped backend is really gone and nothing is left behind.
+        let pattern = format!("dovecot-{}/", self.instance);
+        let _ = run_cmd("pkill", &["-KILL", "-f", &pattern], Duration::from_secs(5));
     }
 
     fn diagnostics(&self) -> String {
@@ -371,9 +382,15 @@ impl Drop for Dovecot {
     }
 }
 
-fn config(root: &Path, uid: u32, gid: u32, imap: SocketAddr, lmtp: Option<SocketAddr>) -> String {
+fn config(
+    root: &Path,
+    name: &str,
+    uid: u32,
+    gid: u32,
+    imap: SocketAddr,
+    lmtp: Option<SocketAddr>,
+) -> String {
     let root = root.display();
-    let name = unique_name("dovecot");
     let protocols = if lmtp.is_some() { "imap lmtp" } else { "imap" };
     let lmtp_service = match lmtp {
         Some(addr) => format!(

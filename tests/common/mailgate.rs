@@ -160,7 +160,7 @@ impl Mailgate {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             mailgate.addrs = parse_listening(&mailgate.log());
-            if mailgate.addrs.len() == 4 {
+            if mailgate.addrs.len() == Self::listeners(opts).len() {
                 return mailgate;
             }
             if let Some(status) = mailgate.try_wait() {
@@ -178,15 +178,20 @@ impl Mailgate {
         }
     }
 
+    /// IMAP listeners always; SMTP ones when the pools have SMTP backends.
+    fn listeners(opts: &MailgateOpts) -> Vec<(&'static str, &'static str, &'static str)> {
+        let mut listeners = vec![("imaps", "imap", "implicit"), ("imap", "imap", "starttls")];
+        if !opts.imap.smtp.is_empty() || !opts.imappro.smtp.is_empty() {
+            listeners.push(("submissions", "smtp", "implicit"));
+            listeners.push(("submission", "smtp", "starttls"));
+        }
+        listeners
+    }
+
     fn config(dir: &Path, opts: &MailgateOpts) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "listeners:");
-        for (name, protocol, tls) in [
-            ("imaps", "imap", "implicit"),
-            ("imap", "imap", "starttls"),
-            ("submissions", "smtp", "implicit"),
-            ("submission", "smtp", "starttls"),
-        ] {
+        for (name, protocol, tls) in Self::listeners(opts) {
             let _ = writeln!(
                 out,
                 "  - {{ name: {name}, protocol: {protocol}, address: \"127.0.0.1:0\", tls: {tls} }}"
