@@ -131,6 +131,11 @@ impl AccountStore {
         self.organisation(domain)
     }
 
+    /// Every user's address, in no particular order.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.users.keys().map(String::as_str)
+    }
+
     /// Number of users.
     pub fn len(&self) -> usize {
         self.users.len()

@@ -32,6 +32,9 @@ pub struct DovecotOpts {
     pub master_password: String,
     /// Also listen for LMTP, so a [`super::Postfix`] can deliver here.
     pub lmtp: bool,
+    /// Fixed ports instead of free ones (the demo, whose config names its backends' ports).
+    pub imap_port: Option<u16>,
+    pub lmtp_port: Option<u16>,
 }
 
 impl Default for DovecotOpts {
@@ -41,6 +44,8 @@ impl Default for DovecotOpts {
             master_user: "proxy".to_owned(),
             master_password: "master-secret".to_owned(),
             lmtp: false,
+            imap_port: None,
+            lmtp_port: None,
         }
     }
 }
@@ -126,10 +131,16 @@ impl Dovecot {
         );
 
         let ports = free_ports(2);
-        let imap_addr = loopback(ports.first().copied().unwrap_or_default());
-        let lmtp_addr = opts
-            .lmtp
-            .then(|| loopback(ports.get(1).copied().unwrap_or_default()));
+        let imap_addr = loopback(
+            opts.imap_port
+                .unwrap_or_else(|| ports.first().copied().unwrap_or_default()),
+        );
+        let lmtp_addr = opts.lmtp.then(|| {
+            loopback(
+                opts.lmtp_port
+                    .unwrap_or_else(|| ports.get(1).copied().unwrap_or_default()),
+            )
+        });
         let conf = root.join("dovecot.conf");
         let instance = unique_name("dovecot");
         write_file(

@@ -130,7 +130,9 @@ impl Mailgate {
         let config = Self::config(dir.path(), opts);
         let path = dir.path().join("mailgate.yaml");
         std::fs::write(&path, &config).unwrap_or_else(|e| panic!("writing config: {e}"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        // Set by cargo for integration tests; the demo example compiles this module too.
+        let binary = option_env!("CARGO_BIN_EXE_mailgate").unwrap_or("target/debug/mailgate");
+        let mut child = Command::new(binary)
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info,mailgate=debug")

@@ -1,0 +1,119 @@
+//! The `mailgate` command line as an operator uses it: `check` on good and broken configs,
+//! `hash-password`, `--version`.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn mailgate(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run mailgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let (code, stdout, stderr) = mailgate(&["check", "--config", "config/mailgate.yaml"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("config/mailgate.yaml: ok (4 listeners, 2 pools,"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_names_file_line_and_key_of_a_typo() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/mailgate.yaml"))
+            .expect("read");
+    let broken = text.replacen(
+        "    address: 127.0.0.1:10143",
+        "    adress: 127.0.0.1:10143",
+        1,
+    );
+    assert_ne!(
+        broken, text,
+        "the shipped config changed shape; update this test"
+    );
+    let line = broken
+        .lines()
+        .position(|l| l.contains("adress:"))
+        .expect("line")
+        + 1;
+    let path = dir.path().join("typo.yaml");
+    std::fs::write(&path, broken).expect("write");
+    let (code, stdout, stderr) = mailgate(&["check", "--config", &path.to_string_lossy()]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    let want = format!("{}:{line}: listeners[1].adress:", path.display());
+    assert!(stderr.contains(&want), "want `{want}` in:\n{stderr}");
+}
+
+#[test]
+fn check_names_a_missing_certificate_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/mailgate.yaml"))
+            .expect("read");
+    let broken = text
+        .replace(
+            "self_signed_if_missing: true",
+            "self_signed_if_missing: false",
+        )
+        .replace(
+            "config/dev/tls/mailgate.crt",
+            "/nonexistent/mailgate/tls/server.crt",
+        );
+    let path = dir.path().join("nocert.yaml");
+    std::fs::write(&path, broken).expect("write");
+    let (code, _, stderr) = mailgate(&["check", "--config", &path.to_string_lossy()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/mailgate/tls/server.crt"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn hash_password_prints_an_argon2id_hash_that_verifies() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"s3cret pass\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{hash}"
+    );
+    let parsed: mailgate::accounts::PasswordHash = hash.parse().expect("parses");
+    assert!(parsed.verify(b"s3cret pass"));
+    assert!(!parsed.verify(b"s3cret pass\n"));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("s3cret"));
+}
+
+#[test]
+fn version_is_the_crate_version() {
+    let (code, stdout, _) = mailgate(&["--version"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout.trim(),
+        format!("mailgate {}", env!("CARGO_PKG_VERSION"))
+    );
+}
