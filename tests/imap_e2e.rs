@@ -648,3 +648,70 @@ for i in range(20):
     let log = setup.mailgate.log();
     assert!(log.contains("end=shutdown"), "{log}");
 }
+
+#[test]
+fn silent_or_garbage_clients_get_a_bye_before_login() {
+    let setup = Setup::with(|o| o.limit("preauth_timeout: 2s"));
+    let script = r#"
+import socket, ssl, sys, time
+port = int(sys.argv[1])
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+
+def read_all(sock, limit):
+    data, end = b"", time.time() + limit
+    sock.settimeout(0.5)
+    while time.time() < end:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not chunk:
+            return data.decode(errors="replace"), round(time.time() - start, 1)
+        data += chunk
+    return data.decode(errors="replace"), None
+
+# A client that says nothing is told goodbye at the pre-auth deadline.
+start = time.time()
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), 10), server_hostname="imap.skydesk.jp")
+data, closed_at = read_all(s, 8)
+print("SILENT", closed_at, data.replace("\r\n", " | "))
+
+# Garbage: five bad commands, then BYE and close.
+start = time.time()
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), 10), server_hostname="imap.skydesk.jp")
+s.sendall(b"".join(b"x%d FROB\r\n" % i for i in range(8)))
+data, closed_at = read_all(s, 5)
+print("GARBAGE", closed_at, data.replace("\r\n", " | "))
+"#;
+    let out = run_python_args(script, &[&setup.imaps()], CLIENT_TIMEOUT);
+    let out = out.assert_success();
+    let silent = out
+        .lines()
+        .find(|l| l.starts_with("SILENT"))
+        .unwrap_or_default();
+    assert!(silent.contains("* BYE"), "{out}");
+    let secs: f64 = silent
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(99.0);
+    assert!(
+        (1.5..6.0).contains(&secs),
+        "closed after {secs} s, deadline 2 s: {out}"
+    );
+    let garbage = out
+        .lines()
+        .find(|l| l.starts_with("GARBAGE"))
+        .unwrap_or_default();
+    assert_eq!(garbage.matches(" BAD ").count(), 5, "{out}");
+    assert!(
+        garbage.contains("* BYE Too many invalid commands") && !garbage.contains("x5 "),
+        "{out}"
+    );
+    assert!(!garbage.contains("None"), "not closed: {out}");
+    let log = setup.mailgate.log();
+    assert!(
+        log.contains("end=preauth_timeout") && log.contains("end=protocol_error"),
+        "{log}"
+    );
+}

@@ -70,7 +70,10 @@ impl MailgateOpts {
         }
     }
 
+    /// Sets one `limits:` key (`"idle_timeout: 5s"`), replacing an earlier value of that key.
     pub fn limit(mut self, line: &str) -> Self {
+        let key = line.split(':').next().unwrap_or_default();
+        self.limits.retain(|l| l.split(':').next() != Some(key));
         self.limits.push(line.into());
         self
     }
