@@ -1,9 +1,18 @@
 //! The splice: bytes copied both ways after login, with an idle timeout, half-close
 //! propagation and per-direction byte counts.
+//!
+//! Most of a proxy's sessions sit idle for hours (IMAP IDLE), so an idle session must cost as
+//! little memory as possible. A direction holds a buffer only while bytes are in flight: it
+//! takes one from a per-thread pool when it tries to read, gives it back at once when the read
+//! would block, and otherwise as soon as the bytes are written. An idle spliced session holds
+//! no relay buffer at all.
 
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -11,8 +20,10 @@ use tokio::time::Instant;
 
 use crate::shutdown::{Phase, Shutdown};
 
-/// Buffer per direction while data flows: a full TLS record.
-const RELAY_BUFFER: usize = 16 * 1024;
+/// Buffer size while data flows: a full TLS record's plaintext.
+pub const RELAY_BUFFER: usize = 16 * 1024;
+/// Buffers kept per worker thread for reuse; more are freed.
+const POOL_PER_THREAD: usize = 64;
 
 /// How a splice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,11 +55,138 @@ pub struct RelayStats {
     pub backend_to_client: u64,
 }
 
-/// Shared between the two metered streams and the idle watch.
-#[derive(Debug)]
+/// Called with the bytes of each chunk as it is relayed (metrics), so long sessions show up
+/// in throughput while they run, not only when they end.
+pub trait Meter {
+    fn client_to_backend(&self, bytes: u64);
+    fn backend_to_client(&self, bytes: u64);
+}
+
+/// A meter that counts nothing (tests, callers without metrics).
+pub struct NoMeter;
+
+impl Meter for NoMeter {
+    fn client_to_backend(&self, _: u64) {}
+    fn backend_to_client(&self, _: u64) {}
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A relay buffer on loan from this thread's pool; back to a pool on drop.
+struct PooledBuf(Box<[u8]>);
+
+impl PooledBuf {
+    fn take() -> PooledBuf {
+        let reused = POOL.with(|p| p.borrow_mut().pop());
+        PooledBuf(reused.unwrap_or_else(|| vec![0u8; RELAY_BUFFER].into_boxed_slice()))
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            if pool.len() < POOL_PER_THREAD {
+                pool.push(buf);
+            }
+        });
+    }
+}
+
+/// One direction of the copy.
+#[derive(Default)]
+struct Transfer {
+    /// Bytes read but not yet written: `buf[pos..cap]`. `None` while nothing is in flight.
+    buf: Option<PooledBuf>,
+    pos: usize,
+    cap: usize,
+    /// The reader said EOF.
+    read_done: bool,
+    /// The writer was shut down after EOF (half-close passed on).
+    shut_down: bool,
+    /// Written since the last flush.
+    need_flush: bool,
+    amount: u64,
+}
+
+impl Transfer {
+    /// Moves bytes from `reader` to `writer` until the reader would block (with nothing in
+    /// flight) or is done; `Ready` when this direction is finished.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        on_bytes: &mut dyn FnMut(u64),
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if let Some(buf) = &self.buf {
+                while self.pos < self.cap {
+                    let n = ready!(writer.as_mut().poll_write(cx, &buf.0[self.pos..self.cap]))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.pos += n;
+                    self.need_flush = true;
+                }
+                // Drained: the buffer goes back to the pool.
+                self.buf = None;
+                self.pos = 0;
+                self.cap = 0;
+            }
+            if self.read_done {
+                if self.need_flush {
+                    ready!(writer.as_mut().poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                if !self.shut_down {
+                    ready!(writer.as_mut().poll_shutdown(cx))?;
+                    self.shut_down = true;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = PooledBuf::take();
+            let mut read_buf = ReadBuf::new(&mut buf.0);
+            match reader.as_mut().poll_read(cx, &mut read_buf) {
+                Poll::Pending => {
+                    // Nothing to read: give the buffer back, and make sure what was written
+                    // actually leaves (a TLS writer holds records until flushed).
+                    drop(buf);
+                    if self.need_flush {
+                        ready!(writer.as_mut().poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = read_buf.filled().len();
+                    if n == 0 {
+                        self.read_done = true;
+                    } else {
+                        self.amount += n as u64;
+                        on_bytes(n as u64);
+                        self.pos = 0;
+                        self.cap = n;
+                        self.buf = Some(buf);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// When bytes last moved, shared by both directions and the idle watch.
 struct Activity {
     start: Instant,
-    /// Milliseconds after `start` of the last byte read from either side.
+    /// Milliseconds after `start` of the last chunk relayed either way.
     last_ms: AtomicU64,
 }
 
@@ -63,106 +201,108 @@ impl Activity {
     }
 }
 
-/// A stream that counts the bytes read from it and marks activity.
-struct Metered<'a, S> {
-    inner: &'a mut S,
-    read: u64,
+/// Both directions, polled from one task.
+struct Bidirectional<'a, C: ?Sized, B: ?Sized> {
+    client: &'a mut C,
+    backend: &'a mut B,
+    up: Transfer,
+    down: Transfer,
+    meter: &'a (dyn Meter + Sync),
     activity: &'a Activity,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read += n as u64;
-            self.activity.touch();
+impl<C, B> Future for Bidirectional<'_, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let (meter, activity) = (this.meter, this.activity);
+        let up = this.up.poll_copy(
+            cx,
+            Pin::new(&mut *this.client),
+            Pin::new(&mut *this.backend),
+            &mut |n| {
+                meter.client_to_backend(n);
+                activity.touch();
+            },
+        )?;
+        let down = this.down.poll_copy(
+            cx,
+            Pin::new(&mut *this.backend),
+            Pin::new(&mut *this.client),
+            &mut |n| {
+                meter.backend_to_client(n);
+                activity.touch();
+            },
+        )?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
         }
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
 /// Copies bytes both ways until both sides are done, the idle timeout passes, or the
-/// shutdown reaches `Closing`. The streams are handed back (borrowed) so the caller can say
-/// goodbye in the protocol.
+/// shutdown reaches `Closing`. The streams stay the caller's, so it can say goodbye in the
+/// protocol.
 pub async fn splice<C, B>(
     client: &mut C,
     backend: &mut B,
     idle_timeout: Duration,
     shutdown: &mut Shutdown,
+    meter: &(dyn Meter + Sync),
 ) -> (RelayEnd, RelayStats)
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
     };
-    let mut client = Metered {
-        inner: client,
-        read: 0,
+    let mut copy = Bidirectional {
+        client,
+        backend,
+        up: Transfer::default(),
+        down: Transfer::default(),
+        meter,
         activity: &activity,
     };
-    let mut backend = Metered {
-        inner: backend,
-        read: 0,
-        activity: &activity,
-    };
-    let idle = async {
-        loop {
-            let deadline = activity.last() + idle_timeout;
-            tokio::time::sleep_until(deadline).await;
-            if activity.last() + idle_timeout <= Instant::now() {
-                return;
+    let end = {
+        let idle = async {
+            loop {
+                tokio::time::sleep_until(activity.last() + idle_timeout).await;
+                if activity.last() + idle_timeout <= Instant::now() {
+                    return;
+                }
             }
-        }
-    };
-    let end = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, RELAY_BUFFER, RELAY_BUFFER) => {
-            match r {
-                Ok(_) => RelayEnd::Closed,
+        };
+        tokio::select! {
+            r = &mut copy => match r {
+                Ok(()) => RelayEnd::Closed,
                 Err(e) if is_disconnect(&e) => RelayEnd::Closed,
                 Err(_) => RelayEnd::Error,
-            }
+            },
+            () = idle => RelayEnd::IdleTimeout,
+            () = shutdown.reached(Phase::Closing) => RelayEnd::Shutdown,
         }
-        () = idle => RelayEnd::IdleTimeout,
-        () = shutdown.reached(Phase::Closing) => RelayEnd::Shutdown,
     };
     let stats = RelayStats {
-        client_to_backend: client.read,
-        backend_to_client: backend.read,
+        client_to_backend: copy.up.amount,
+        backend_to_client: copy.down.amount,
     };
     (end, stats)
 }
 
 /// An ordinary way for a peer to go away (a reset, or TLS closed without close_notify, as
 /// many clients do): not an error worth reporting.
-fn is_disconnect(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
+fn is_disconnect(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
     matches!(
         e.kind(),
         UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
@@ -174,19 +314,38 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    #[derive(Default)]
+    struct Counting(AtomicU64, AtomicU64);
+
+    impl Meter for Counting {
+        fn client_to_backend(&self, n: u64) {
+            self.0.fetch_add(n, Ordering::Relaxed);
+        }
+        fn backend_to_client(&self, n: u64) {
+            self.1.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
     #[tokio::test]
     async fn copies_both_ways_counts_and_propagates_half_close() {
         let (mut client_side, mut client) = tokio::io::duplex(64);
         let (mut backend, mut backend_side) = tokio::io::duplex(64);
         let (_trigger, mut shutdown) = crate::shutdown::channel();
         let relay = tokio::spawn(async move {
-            splice(
+            let meter = Counting::default();
+            let r = splice(
                 &mut client,
                 &mut backend,
                 Duration::from_secs(60),
                 &mut shutdown,
+                &meter,
             )
-            .await
+            .await;
+            (
+                r,
+                meter.0.load(Ordering::Relaxed),
+                meter.1.load(Ordering::Relaxed),
+            )
         });
         client_side.write_all(b"a1 NOOP\r\n").await.expect("write");
         let mut buf = [0u8; 9];
@@ -208,10 +367,58 @@ mod tests {
         let mut tail = Vec::new();
         client_side.read_to_end(&mut tail).await.expect("read");
         assert_eq!(tail, b"* BYE\r\n");
-        let (end, stats) = relay.await.expect("join");
+        let ((end, stats), up, down) = relay.await.expect("join");
         assert_eq!(end, RelayEnd::Closed);
         assert_eq!(stats.client_to_backend, 9);
         assert_eq!(stats.backend_to_client, 12 + 7);
+        assert_eq!((up, down), (9, 19), "the meter sees every chunk");
+    }
+
+    #[tokio::test]
+    async fn large_transfers_both_ways_at_once_do_not_deadlock() {
+        // Each side writes 4 MiB while the other writes too, through small pipes: a relay
+        // that served one direction at a time would block forever.
+        let (mut client_side, mut client) = tokio::io::duplex(1024);
+        let (mut backend, mut backend_side) = tokio::io::duplex(1024);
+        let (_trigger, mut shutdown) = crate::shutdown::channel();
+        let relay = tokio::spawn(async move {
+            splice(
+                &mut client,
+                &mut backend,
+                Duration::from_secs(60),
+                &mut shutdown,
+                &NoMeter,
+            )
+            .await
+        });
+        let payload: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let (mut cr, mut cw) = tokio::io::split(client_side);
+        let (mut br, mut bw) = tokio::io::split(backend_side);
+        let p1 = payload.clone();
+        let p2 = payload.clone();
+        let w1 = tokio::spawn(async move {
+            cw.write_all(&p1).await.expect("client write");
+            cw.shutdown().await.expect("shutdown");
+        });
+        let w2 = tokio::spawn(async move {
+            bw.write_all(&p2).await.expect("backend write");
+            bw.shutdown().await.expect("shutdown");
+        });
+        let mut at_backend = Vec::new();
+        let mut at_client = Vec::new();
+        let (a, b) = tokio::join!(
+            br.read_to_end(&mut at_backend),
+            cr.read_to_end(&mut at_client)
+        );
+        a.expect("read");
+        b.expect("read");
+        w1.await.expect("join");
+        w2.await.expect("join");
+        assert!(at_backend == payload && at_client == payload);
+        let (end, stats) = relay.await.expect("join");
+        assert_eq!(end, RelayEnd::Closed);
+        assert_eq!(stats.client_to_backend, payload.len() as u64);
+        assert_eq!(stats.backend_to_client, payload.len() as u64);
     }
 
     #[tokio::test(start_paused = true)]
@@ -225,6 +432,7 @@ mod tests {
                 &mut backend,
                 Duration::from_secs(1800),
                 &mut shutdown,
+                &NoMeter,
             )
             .await
         });
@@ -250,6 +458,7 @@ mod tests {
                 &mut backend,
                 Duration::from_secs(60),
                 &mut shutdown,
+                &NoMeter,
             )
             .await
         });
@@ -259,5 +468,25 @@ mod tests {
         trigger.advance(Phase::Closing);
         let (end, _) = relay.await.expect("join");
         assert_eq!(end, RelayEnd::Shutdown);
+    }
+
+    #[test]
+    fn an_idle_direction_holds_no_buffer() {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let (_client_side, mut client) = tokio::io::duplex(64);
+        let (mut backend, _backend_side) = tokio::io::duplex(64);
+        let mut t = Transfer::default();
+        let poll = t.poll_copy(
+            &mut cx,
+            Pin::new(&mut client),
+            Pin::new(&mut backend),
+            &mut |_| {},
+        );
+        assert!(poll.is_pending());
+        assert!(
+            t.buf.is_none(),
+            "a direction waiting to read must not hold a buffer"
+        );
     }
 }

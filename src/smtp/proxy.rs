@@ -252,8 +252,14 @@ async fn splice<S>(
     }
     log.client_to_backend += pipelined.len() as u64;
     let idle = conn.context.config.limits.idle_timeout.0;
-    let (end, stats) =
-        relay::splice(&mut client, &mut backend.stream, idle, &mut conn.shutdown).await;
+    let (end, stats) = relay::splice(
+        &mut client,
+        &mut backend.stream,
+        idle,
+        &mut conn.shutdown,
+        &relay::NoMeter,
+    )
+    .await;
     log.client_to_backend += stats.client_to_backend;
     log.backend_to_client += stats.backend_to_client;
     log.end = end.as_str();
