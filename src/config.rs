@@ -563,7 +563,11 @@ pub struct Messages {
     pub imap_policy_denied: String,
     pub smtp_policy_denied: String,
     pub invalid_credentials: String,
+    /// SMTP's wording of `invalid_credentials` (DESIGN.md's SMTP column differs from IMAP's).
+    pub smtp_invalid_credentials: String,
     pub unavailable: String,
+    /// SMTP's wording of `unavailable`.
+    pub smtp_unavailable: String,
     pub throttled: String,
     pub too_many_connections: String,
 }
@@ -578,7 +582,9 @@ impl Default for Messages {
             imap_policy_denied: "IMAP access is not allowed by your organisation's policy; contact your administrator".into(),
             smtp_policy_denied: "SMTP access is not allowed by your organisation's policy; contact your administrator".into(),
             invalid_credentials: "Invalid credentials".into(),
+            smtp_invalid_credentials: "Authentication credentials invalid".into(),
             unavailable: "Mail server temporarily unavailable".into(),
+            smtp_unavailable: "Temporary authentication failure".into(),
             throttled: "Too many failed logins, try again later".into(),
             too_many_connections: "Too many connections for this account".into(),
         }
@@ -1250,7 +1256,9 @@ fn check_messages(m: &Messages, p: &mut Problems<'_>) {
         ("imap_policy_denied", &m.imap_policy_denied),
         ("smtp_policy_denied", &m.smtp_policy_denied),
         ("invalid_credentials", &m.invalid_credentials),
+        ("smtp_invalid_credentials", &m.smtp_invalid_credentials),
         ("unavailable", &m.unavailable),
+        ("smtp_unavailable", &m.smtp_unavailable),
         ("throttled", &m.throttled),
         ("too_many_connections", &m.too_many_connections),
     ];

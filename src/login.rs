@@ -60,8 +60,10 @@ impl LoginResult {
 /// replaced by a space. Used by both protocols' reply mappers.
 pub fn message(result: LoginResult, protocol: Protocol, messages: &Messages) -> String {
     let template = match (result, protocol) {
-        (LoginResult::Ok, _) => "Logged in",
-        (LoginResult::InvalidCredentials, _) => &messages.invalid_credentials,
+        (LoginResult::Ok, Protocol::Imap) => "Logged in",
+        (LoginResult::Ok, Protocol::Smtp) => "Authentication successful",
+        (LoginResult::InvalidCredentials, Protocol::Imap) => &messages.invalid_credentials,
+        (LoginResult::InvalidCredentials, Protocol::Smtp) => &messages.smtp_invalid_credentials,
         (LoginResult::AppPasswordRequired, _) => &messages.app_password_required,
         (LoginResult::ImapDisabled, _) => &messages.imap_disabled,
         (LoginResult::SmtpDisabled, _) => &messages.smtp_disabled,
@@ -69,7 +71,8 @@ pub fn message(result: LoginResult, protocol: Protocol, messages: &Messages) -> 
         (LoginResult::PolicyDenied, Protocol::Smtp) => &messages.smtp_policy_denied,
         (LoginResult::Throttled, _) => &messages.throttled,
         (LoginResult::TooManyConnections, _) => &messages.too_many_connections,
-        (LoginResult::BackendUnavailable, _) => &messages.unavailable,
+        (LoginResult::BackendUnavailable, Protocol::Imap) => &messages.unavailable,
+        (LoginResult::BackendUnavailable, Protocol::Smtp) => &messages.smtp_unavailable,
         (LoginResult::TlsRequired, Protocol::Imap) => "Login not allowed before STARTTLS",
         (LoginResult::TlsRequired, Protocol::Smtp) => "Must issue a STARTTLS command first",
     };
@@ -137,6 +140,35 @@ mod tests {
             "Application-specific password required: https://help.example/app  A1 OK"
         );
         assert!(!text.contains('\r') && !text.contains('\n'));
+    }
+
+    #[test]
+    fn smtp_has_its_own_wording_for_two_rows() {
+        let messages = Messages::default();
+        let pairs = [
+            (
+                LoginResult::InvalidCredentials,
+                "Invalid credentials",
+                "Authentication credentials invalid",
+            ),
+            (
+                LoginResult::BackendUnavailable,
+                "Mail server temporarily unavailable",
+                "Temporary authentication failure",
+            ),
+            (LoginResult::Ok, "Logged in", "Authentication successful"),
+        ];
+        for (result, imap, smtp) in pairs {
+            assert_eq!(message(result, Protocol::Imap, &messages), imap);
+            assert_eq!(message(result, Protocol::Smtp, &messages), smtp);
+        }
+        // Every other row reads the same for both protocols (policy texts name their protocol
+        // in their own keys).
+        let same = message(LoginResult::AppPasswordRequired, Protocol::Smtp, &messages);
+        assert_eq!(
+            same,
+            message(LoginResult::AppPasswordRequired, Protocol::Imap, &messages)
+        );
     }
 
     #[test]

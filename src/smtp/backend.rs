@@ -390,3 +390,161 @@ mod combine_tests {
         assert!(common_extensions(&[]).is_empty());
     }
 }
+
+/// The three login modes against a scripted backend on loopback: the exact lines mailgate
+/// sends and how it reads the answers. (Xclient also runs against a real Postfix in
+/// `tests/smtp_e2e.rs`.)
+#[cfg(test)]
+mod login_tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const EHLO_PLAIN: &str = "250-mx.example.com\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n";
+    const EHLO_XCLIENT: &str =
+        "250-mx.example.com\r\n250-PIPELINING\r\n250 XCLIENT NAME ADDR PORT LOGIN HELO PROTO\r\n";
+
+    /// A backend that greets, then answers each line it reads with the next reply of
+    /// `replies`; returns the lines it read.
+    async fn backend(replies: Vec<&'static str>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let task = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            write
+                .write_all(b"220 mx.example.com ESMTP\r\n")
+                .await
+                .expect("greet");
+            let mut seen = Vec::new();
+            for reply in replies {
+                let mut line = String::new();
+                if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                seen.push(line);
+                write.write_all(reply.as_bytes()).await.expect("reply");
+            }
+            seen
+        });
+        (address, task)
+    }
+
+    fn request<'a>(mode: SmtpLogin, master: Option<(&'a str, &'a Secret)>) -> LoginRequest<'a> {
+        LoginRequest {
+            user: "alice@skydesk.jp",
+            password: b"alice pass",
+            mode,
+            master,
+            client: "192.0.2.7:50123".parse::<SocketAddr>().expect("addr"),
+            client_helo: "client.example",
+            hostname: "smtp.skydesk.jp",
+            connect_timeout: Duration::from_secs(5),
+            login_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn plain(authzid: &str, authcid: &str, password: &str) -> String {
+        let raw = format!("{authzid}\0{authcid}\0{password}");
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    }
+
+    #[tokio::test]
+    async fn xclient_then_the_clients_ehlo() {
+        let (address, seen) = backend(vec![
+            EHLO_XCLIENT,
+            "220 mx.example.com ESMTP\r\n",
+            "250-mx.example.com\r\n250 8BITMIME\r\n",
+        ])
+        .await;
+        let session = login(&address, &request(SmtpLogin::Xclient, None))
+            .await
+            .expect("login");
+        assert!(session.leftover.is_empty());
+        assert_eq!(
+            seen.await.expect("backend"),
+            [
+                "EHLO smtp.skydesk.jp\r\n",
+                "XCLIENT ADDR=192.0.2.7 PORT=50123 LOGIN=alice@skydesk.jp NAME=[UNAVAILABLE] HELO=client.example PROTO=ESMTP\r\n",
+                "EHLO client.example\r\n",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn xclient_refused_or_not_offered() {
+        let (address, _seen) = backend(vec![
+            EHLO_XCLIENT,
+            "550 5.7.0 Insufficient authorization\r\n",
+        ])
+        .await;
+        let refused = login(&address, &request(SmtpLogin::Xclient, None)).await;
+        assert!(
+            matches!(&refused, Err(BackendError::Refused { code: Some(c) }) if c == "550"),
+            "{refused:?}"
+        );
+        let (address, _seen) = backend(vec![EHLO_PLAIN]).await;
+        let missing = login(&address, &request(SmtpLogin::Xclient, None)).await;
+        assert!(
+            matches!(missing, Err(BackendError::Failed(_))),
+            "{missing:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn master_sends_the_user_as_authorization_identity() {
+        let secret = Secret::new("master-secret");
+        let (address, seen) =
+            backend(vec![EHLO_PLAIN, "235 2.7.0 Authentication successful\r\n"]).await;
+        login(
+            &address,
+            &request(SmtpLogin::Master, Some(("proxy", &secret))),
+        )
+        .await
+        .expect("login");
+        let expected = format!(
+            "AUTH PLAIN {}\r\n",
+            plain("alice@skydesk.jp", "proxy", "master-secret")
+        );
+        assert_eq!(
+            seen.await.expect("backend"),
+            ["EHLO smtp.skydesk.jp\r\n".to_string(), expected]
+        );
+
+        let (address, _seen) = backend(vec![
+            EHLO_PLAIN,
+            "535 5.7.8 Error: authentication failed\r\n",
+        ])
+        .await;
+        let refused = login(
+            &address,
+            &request(SmtpLogin::Master, Some(("proxy", &secret))),
+        )
+        .await;
+        assert!(
+            matches!(&refused, Err(BackendError::Refused { code: Some(c) }) if c == "535"),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn passthrough_sends_the_clients_own_credentials() {
+        let (address, seen) = backend(vec![EHLO_PLAIN, "235 2.7.0 OK\r\n"]).await;
+        login(&address, &request(SmtpLogin::Passthrough, None))
+            .await
+            .expect("login");
+        let expected = format!(
+            "AUTH PLAIN {}\r\n",
+            plain("", "alice@skydesk.jp", "alice pass")
+        );
+        assert_eq!(
+            seen.await.expect("backend"),
+            ["EHLO smtp.skydesk.jp\r\n".to_string(), expected]
+        );
+    }
+}

@@ -7,8 +7,8 @@
 
 use std::borrow::Cow;
 
-use crate::config::Messages;
-use crate::login::LoginResult;
+use crate::config::{Messages, Protocol};
+use crate::login::{message, LoginResult};
 
 /// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets including CRLF.
 pub const REPLY_LINE_MAX: usize = 512;
@@ -135,57 +135,28 @@ pub const TOO_MANY_ERRORS: Reply<'static> = Reply::fixed(421, "4.7.0", "Too many
 
 /// The reply to an AUTH whose credentials were judged: the SMTP column of DESIGN.md's table.
 ///
-/// Codes are fixed; texts come from `messages` (operator-configurable, `{help_url}`
-/// substituted in every one of them). `TooManyConnections` is a `421`: the driver closes after
-/// writing it. `ImapDisabled` cannot come out of an SMTP login; should it, it is reported as
-/// what it is, with the SMTP-disabled code.
+/// Codes are fixed here; texts come from [`crate::login::message`] (operator-configurable,
+/// `{help_url}` substituted, shared with IMAP's reply mapper). `TooManyConnections` is a `421`:
+/// the driver closes after writing it. `ImapDisabled` cannot come out of an SMTP login; should
+/// it, it is reported as what it is, with the SMTP-disabled code.
 pub fn login_reply(result: LoginResult, messages: &Messages) -> Vec<u8> {
-    let text = |template: &str| Cow::Owned(template.replace("{help_url}", &messages.help_url));
-    let reply = match result {
-        LoginResult::Ok => Reply::fixed(235, "2.7.0", "Authentication successful"),
-        LoginResult::InvalidCredentials => Reply {
-            code: 535,
-            enhanced: "5.7.8",
-            text: text(&messages.invalid_credentials),
-        },
-        LoginResult::AppPasswordRequired => Reply {
-            code: 534,
-            enhanced: "5.7.9",
-            text: text(&messages.app_password_required),
-        },
-        LoginResult::ImapDisabled => Reply {
-            code: 525,
-            enhanced: "5.7.13",
-            text: text(&messages.imap_disabled),
-        },
-        LoginResult::SmtpDisabled => Reply {
-            code: 525,
-            enhanced: "5.7.13",
-            text: text(&messages.smtp_disabled),
-        },
-        LoginResult::PolicyDenied => Reply {
-            code: 525,
-            enhanced: "5.7.13",
-            text: text(&messages.smtp_policy_denied),
-        },
-        LoginResult::TlsRequired => TLS_REQUIRED,
-        LoginResult::Throttled => Reply {
-            code: 454,
-            enhanced: "4.7.0",
-            text: text(&messages.throttled),
-        },
-        LoginResult::BackendUnavailable => Reply {
-            code: 454,
-            enhanced: "4.7.0",
-            text: text(&messages.unavailable),
-        },
-        LoginResult::TooManyConnections => Reply {
-            code: 421,
-            enhanced: "4.7.0",
-            text: text(&messages.too_many_connections),
-        },
+    let (code, enhanced) = match result {
+        LoginResult::Ok => (235, "2.7.0"),
+        LoginResult::InvalidCredentials => (535, "5.7.8"),
+        LoginResult::AppPasswordRequired => (534, "5.7.9"),
+        LoginResult::ImapDisabled | LoginResult::SmtpDisabled | LoginResult::PolicyDenied => {
+            (525, "5.7.13")
+        }
+        LoginResult::TlsRequired => (530, "5.7.0"),
+        LoginResult::Throttled | LoginResult::BackendUnavailable => (454, "4.7.0"),
+        LoginResult::TooManyConnections => (421, "4.7.0"),
     };
-    reply.to_bytes()
+    Reply {
+        code,
+        enhanced,
+        text: Cow::Owned(message(result, Protocol::Smtp, messages)),
+    }
+    .to_bytes()
 }
 
 #[cfg(test)]
@@ -202,7 +173,7 @@ mod tests {
             (LoginResult::Ok, "235 2.7.0 Authentication successful\r\n"),
             (
                 LoginResult::InvalidCredentials,
-                "535 5.7.8 Invalid credentials\r\n",
+                "535 5.7.8 Authentication credentials invalid\r\n",
             ),
             (
                 LoginResult::AppPasswordRequired,
@@ -233,7 +204,7 @@ mod tests {
             ),
             (
                 LoginResult::BackendUnavailable,
-                "454 4.7.0 Mail server temporarily unavailable\r\n",
+                "454 4.7.0 Temporary authentication failure\r\n",
             ),
             (
                 LoginResult::TooManyConnections,
@@ -251,7 +222,7 @@ mod tests {
         let messages = Messages {
             help_url: "https://help.example.com/app\r\nRSET".into(),
             app_password_required: "App password needed\r\n250 fake: {help_url}".into(),
-            invalid_credentials: "認証に失敗しました\n".into(),
+            smtp_invalid_credentials: "認証に失敗しました\n".into(),
             ..Messages::default()
         };
         let app = login_reply(LoginResult::AppPasswordRequired, &messages);
