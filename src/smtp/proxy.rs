@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::backend::{first_available, BackendError};
-use crate::config::{ListenerTls, Protocol};
+use crate::config::{ListenerTls, Protocol, SmtpLogin};
 use crate::login::{authorize, Grant, LoginResult};
 use crate::relay::{self, RelayEnd};
 use crate::routing::ImapLogin;
@@ -217,10 +217,13 @@ async fn log_in(
     .await
     {
         Ok((address, session)) => Ok((grant, address, session)),
-        // The backend refused a session the account rules allowed: a configuration fault
-        // (XCLIENT not authorized, master user wrong), or a wrong password in passthrough.
+        // In passthrough the backend judges the client's own password: its 5xx means wrong
+        // credentials. With XCLIENT or a master user, mailgate already proved the password;
+        // a refusal is the backend's configuration (XCLIENT not authorized, master user
+        // wrong), so the client hears "temporary failure", not "your password is wrong".
         Err(BackendError::Refused { code })
-            if code.as_deref().is_some_and(|c| c.starts_with('5')) =>
+            if pool.smtp_login == SmtpLogin::Passthrough
+                && code.as_deref().is_some_and(|c| c.starts_with('5')) =>
         {
             Err(LoginResult::InvalidCredentials)
         }
