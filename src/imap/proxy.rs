@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -21,49 +22,94 @@ use crate::shutdown::Phase;
 const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one IMAP client connection to its end and leaves one log line.
+///
+/// The pre-auth phase, the TLS handshake and the login run as boxed futures that are freed
+/// when they end, so a long-lived spliced session keeps only what the splice needs.
 pub async fn serve(mut conn: Connection, tcp: TcpStream) {
     let mut log = SessionLog::new();
     let deadline = Instant::now() + conn.context.config.limits.preauth_timeout.0;
+    let plain = |starttls_offered| SessionConfig {
+        tls_active: false,
+        starttls_offered,
+    };
+    let secure = SessionConfig {
+        tls_active: true,
+        starttls_offered: false,
+    };
     match conn.listener.config.tls {
-        ListenerTls::None => {
-            let cfg = SessionConfig {
-                tls_active: false,
-                starttls_offered: false,
-            };
-            let _ = session(&mut conn, &mut log, tcp, cfg, true, deadline).await;
-        }
+        ListenerTls::None => run(&mut conn, &mut log, tcp, plain(false), true, deadline).await,
         ListenerTls::Implicit => {
-            if let Some(tls) = conn.tls_handshake(&mut log, tcp).await {
-                let cfg = SessionConfig {
-                    tls_active: true,
-                    starttls_offered: false,
-                };
-                let _ = session(&mut conn, &mut log, tls, cfg, true, deadline).await;
+            if let Some(tls) = Box::pin(conn.tls_handshake(&mut log, tcp)).await {
+                run(&mut conn, &mut log, tls, secure, true, deadline).await;
             }
         }
         ListenerTls::Starttls => {
-            let cfg = SessionConfig {
-                tls_active: false,
-                starttls_offered: true,
-            };
-            if let Some(tcp) = session(&mut conn, &mut log, tcp, cfg, true, deadline).await {
-                if let Some(tls) = conn.tls_handshake(&mut log, tcp).await {
-                    let cfg = SessionConfig {
-                        tls_active: true,
-                        starttls_offered: false,
-                    };
-                    // No new greeting after STARTTLS (RFC 3501 6.2.1).
-                    let _ = session(&mut conn, &mut log, tls, cfg, false, deadline).await;
+            match Box::pin(session(
+                &mut conn,
+                &mut log,
+                tcp,
+                plain(true),
+                true,
+                deadline,
+            ))
+            .await
+            {
+                PreauthEnd::StartTls(tcp) => {
+                    if let Some(tls) = Box::pin(conn.tls_handshake(&mut log, tcp)).await {
+                        // No new greeting after STARTTLS (RFC 3501 6.2.1).
+                        run(&mut conn, &mut log, tls, secure, false, deadline).await;
+                    }
                 }
+                PreauthEnd::LoggedIn(session) => splice(&mut conn, &mut log, session).await,
+                PreauthEnd::Done => {}
             }
         }
     }
     log.emit(&conn);
 }
 
-/// Runs the pre-auth session on `stream` and, after a login, the splice. Returns the stream
-/// only when the client asked for STARTTLS (everything it pipelined is dropped with the
-/// session).
+/// The pre-auth session on a stream that will not change (TLS already on, or none), then
+/// the splice.
+async fn run<S>(
+    conn: &mut Connection,
+    log: &mut SessionLog,
+    stream: S,
+    cfg: SessionConfig,
+    greet: bool,
+    deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let PreauthEnd::LoggedIn(session) =
+        Box::pin(session(conn, log, stream, cfg, greet, deadline)).await
+    {
+        splice(conn, log, session).await;
+    }
+}
+
+/// How the pre-auth phase ended.
+enum PreauthEnd<S> {
+    /// STARTTLS: the plain stream, for the handshake. Everything the client pipelined after
+    /// STARTTLS went with the session.
+    StartTls(S),
+    LoggedIn(LoggedIn<S>),
+    /// Logout, error, timeout or shutdown: nothing more to do.
+    Done,
+}
+
+/// A login that succeeded at a backend: what the splice needs.
+struct LoggedIn<S> {
+    client: S,
+    /// The client's tag for its login command, for the tagged OK.
+    tag: String,
+    grant: Grant,
+    backend: BackendSession,
+    /// What the client sent after its login command, for the backend.
+    pipelined: BytesMut,
+}
+
+/// Runs the pre-auth session on `stream` until it ends in STARTTLS, a login accepted by a
+/// backend, or the end of the session.
 async fn session<S>(
     conn: &mut Connection,
     log: &mut SessionLog,
@@ -71,7 +117,7 @@ async fn session<S>(
     cfg: SessionConfig,
     greet: bool,
     deadline: Instant,
-) -> Option<S>
+) -> PreauthEnd<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -90,7 +136,7 @@ where
         if !pending.is_empty() {
             if write(&mut stream, &pending).await.is_err() {
                 log.end = "client_gone";
-                return None;
+                return PreauthEnd::Done;
             }
             pending.clear();
         }
@@ -101,34 +147,34 @@ where
                     () = tokio::time::sleep_until(deadline) => {
                         goodbye(&mut stream, BYE_TIMEOUT).await;
                         log.end = "preauth_timeout";
-                        return None;
+                        return PreauthEnd::Done;
                     }
                     () = conn.shutdown.reached(Phase::Draining) => {
                         goodbye(&mut stream, BYE_SHUTDOWN).await;
                         log.end = "shutdown";
-                        return None;
+                        return PreauthEnd::Done;
                     }
                 };
                 match read {
                     Ok(0) | Err(_) => {
                         log.end = "client_gone";
-                        return None;
+                        return PreauthEnd::Done;
                     }
                     Ok(n) => session.input(buf.get(..n).unwrap_or_default()),
                 }
             }
-            Some(Event::StartTls) => return Some(stream),
+            Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
             Some(Event::TlsRequired) => {
                 log.result = LoginResult::TlsRequired.as_str();
                 session.input(&[])
             }
             Some(Event::Logout) => {
                 log.end = "logout";
-                return None;
+                return PreauthEnd::Done;
             }
             Some(Event::Close) => {
                 log.end = "protocol_error";
-                return None;
+                return PreauthEnd::Done;
             }
             Some(Event::Login(credentials)) => {
                 attempts += 1;
@@ -137,18 +183,13 @@ where
                     Ok((grant, address, backend)) => {
                         log.backend = Some(address);
                         log.result = LoginResult::Ok.as_str();
-                        let pipelined = session.into_pipelined();
-                        splice(
-                            conn,
-                            log,
-                            stream,
-                            &credentials.tag,
+                        return PreauthEnd::LoggedIn(LoggedIn {
+                            client: stream,
+                            tag: credentials.tag.clone(),
                             grant,
                             backend,
-                            &pipelined,
-                        )
-                        .await;
-                        return None;
+                            pipelined: session.into_pipelined(),
+                        });
                     }
                     Err(result) => {
                         log.result = result.as_str();
@@ -158,7 +199,7 @@ where
                             pending.extend_from_slice(b"* BYE Too many failed logins\r\n");
                             let _ = write(&mut stream, &pending).await;
                             log.end = "too_many_attempts";
-                            return None;
+                            return PreauthEnd::Done;
                         }
                         session.input(&[])
                     }
@@ -239,34 +280,43 @@ fn refused_result(code: Option<&str>) -> LoginResult {
     }
 }
 
-async fn splice<S>(
-    conn: &mut Connection,
-    log: &mut SessionLog,
-    mut client: S,
-    tag: &str,
-    grant: Grant,
-    mut backend: BackendSession,
-    pipelined: &[u8],
-) where
+async fn splice<S>(conn: &mut Connection, log: &mut SessionLog, session: LoggedIn<S>)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let LoggedIn {
+        mut client,
+        tag,
+        grant,
+        backend,
+        pipelined,
+    } = session;
+    let BackendSession {
+        stream: mut backend,
+        capabilities,
+        leftover,
+    } = backend;
     log.user = Some(grant.route.address.clone());
     log.pool = Some(grant.route.pool.name.clone());
-    let mut hello = reply::logged_in(tag, &backend.capabilities);
-    hello.extend_from_slice(&backend.leftover);
+    let mut hello = reply::logged_in(&tag, &capabilities);
+    hello.extend_from_slice(&leftover);
+    // Nothing of the login phase stays allocated for the life of the splice.
+    drop((tag, capabilities, leftover, grant));
     if write(&mut client, &hello).await.is_err() {
         log.end = "client_gone";
         return;
     }
-    if !pipelined.is_empty() && backend.stream.write_all(pipelined).await.is_err() {
+    drop(hello);
+    if !pipelined.is_empty() && backend.write_all(&pipelined).await.is_err() {
         log.end = "backend_gone";
         return;
     }
     log.client_to_backend += pipelined.len() as u64;
+    drop(pipelined);
     let idle = conn.context.config.limits.idle_timeout.0;
     let (end, stats) = relay::splice(
         &mut client,
-        &mut backend.stream,
+        &mut backend,
         idle,
         &mut conn.shutdown,
         &relay::NoMeter,

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -23,34 +24,73 @@ use crate::smtp::session::{Credentials, Event, PreAuth, SessionConfig};
 const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one SMTP client connection to its end and leaves one log line.
+///
+/// The pre-auth phase, the TLS handshake and the login run as boxed futures that are freed
+/// when they end, so a spliced session keeps only what the splice needs.
 pub async fn serve(mut conn: Connection, tcp: TcpStream) {
     let mut log = SessionLog::new();
     let deadline = Instant::now() + conn.context.config.limits.preauth_timeout.0;
     match conn.listener.config.tls {
-        ListenerTls::None => {
-            let _ = session(&mut conn, &mut log, tcp, false, false, true, deadline).await;
-        }
+        ListenerTls::None => run(&mut conn, &mut log, tcp, false, true, deadline).await,
         ListenerTls::Implicit => {
-            if let Some(tls) = conn.tls_handshake(&mut log, tcp).await {
-                let _ = session(&mut conn, &mut log, tls, true, false, true, deadline).await;
+            if let Some(tls) = Box::pin(conn.tls_handshake(&mut log, tcp)).await {
+                run(&mut conn, &mut log, tls, true, true, deadline).await;
             }
         }
         ListenerTls::Starttls => {
-            if let Some(tcp) = session(&mut conn, &mut log, tcp, false, true, true, deadline).await
-            {
-                if let Some(tls) = conn.tls_handshake(&mut log, tcp).await {
-                    // No new greeting after STARTTLS; the client must EHLO again (RFC 3207).
-                    let _ = session(&mut conn, &mut log, tls, true, false, false, deadline).await;
+            let first = session(&mut conn, &mut log, tcp, false, true, true, deadline);
+            match Box::pin(first).await {
+                PreauthEnd::StartTls(tcp) => {
+                    if let Some(tls) = Box::pin(conn.tls_handshake(&mut log, tcp)).await {
+                        // No new greeting after STARTTLS; the client must EHLO again (RFC 3207).
+                        run(&mut conn, &mut log, tls, true, false, deadline).await;
+                    }
                 }
+                PreauthEnd::LoggedIn(session) => splice(&mut conn, &mut log, session).await,
+                PreauthEnd::Done => {}
             }
         }
     }
     log.emit(&conn);
 }
 
-/// Runs the pre-auth session and, after a successful AUTH, the splice. Returns the stream
-/// only when the client asked for STARTTLS; the session, and everything the client pipelined
-/// after STARTTLS, is dropped.
+/// The pre-auth session on a stream that will not change, then the splice.
+async fn run<S>(
+    conn: &mut Connection,
+    log: &mut SessionLog,
+    stream: S,
+    tls_active: bool,
+    greet: bool,
+    deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let preauth = session(conn, log, stream, tls_active, false, greet, deadline);
+    if let PreauthEnd::LoggedIn(session) = Box::pin(preauth).await {
+        splice(conn, log, session).await;
+    }
+}
+
+/// How the pre-auth phase ended.
+enum PreauthEnd<S> {
+    /// STARTTLS: the plain stream, for the handshake; everything pipelined went with the
+    /// session.
+    StartTls(S),
+    LoggedIn(LoggedIn<S>),
+    /// QUIT, error, timeout or shutdown.
+    Done,
+}
+
+/// An AUTH the backend took: what the splice needs.
+struct LoggedIn<S> {
+    client: S,
+    grant: Grant,
+    backend: BackendSession,
+    /// What the client sent after its AUTH, for the backend.
+    pipelined: BytesMut,
+}
+
+/// Runs the pre-auth session until STARTTLS, an AUTH the backend took, or the end.
 async fn session<S>(
     conn: &mut Connection,
     log: &mut SessionLog,
@@ -59,7 +99,7 @@ async fn session<S>(
     starttls_offered: bool,
     greet: bool,
     deadline: Instant,
-) -> Option<S>
+) -> PreauthEnd<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -78,12 +118,12 @@ where
             if n > 0 {
                 goodbye(&mut stream, reply::early_talker()).await;
                 log.end = "early_talker";
-                return None;
+                return PreauthEnd::Done;
             }
         }
         if write(&mut stream, &session.greeting()).await.is_err() {
             log.end = "client_gone";
-            return None;
+            return PreauthEnd::Done;
         }
     }
     let mut step = session.input(&[]);
@@ -92,7 +132,7 @@ where
     loop {
         if !step.write.is_empty() && write(&mut stream, &step.write).await.is_err() {
             log.end = "client_gone";
-            return None;
+            return PreauthEnd::Done;
         }
         step = match step.event.take() {
             None => {
@@ -101,34 +141,34 @@ where
                     () = tokio::time::sleep_until(deadline) => {
                         goodbye(&mut stream, REPLY_TIMEOUT).await;
                         log.end = "preauth_timeout";
-                        return None;
+                        return PreauthEnd::Done;
                     }
                     () = conn.shutdown.reached(Phase::Draining) => {
                         goodbye(&mut stream, REPLY_SHUTDOWN).await;
                         log.end = "shutdown";
-                        return None;
+                        return PreauthEnd::Done;
                     }
                 };
                 match read {
                     Ok(0) | Err(_) => {
                         log.end = "client_gone";
-                        return None;
+                        return PreauthEnd::Done;
                     }
                     Ok(n) => session.input(buf.get(..n).unwrap_or_default()),
                 }
             }
-            Some(Event::StartTls) => return Some(stream),
+            Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
             Some(Event::TlsRequired) => {
                 log.result = LoginResult::TlsRequired.as_str();
                 session.input(&[])
             }
             Some(Event::Quit) => {
                 log.end = "quit";
-                return None;
+                return PreauthEnd::Done;
             }
             Some(Event::Close) => {
                 log.end = "protocol_error";
-                return None;
+                return PreauthEnd::Done;
             }
             Some(Event::Auth(credentials)) => {
                 attempts += 1;
@@ -138,9 +178,12 @@ where
                     Ok((grant, address, backend)) => {
                         log.result = LoginResult::Ok.as_str();
                         log.backend = Some(address);
-                        let pipelined = session.into_pipelined();
-                        splice(conn, log, stream, grant, backend, &pipelined).await;
-                        return None;
+                        return PreauthEnd::LoggedIn(LoggedIn {
+                            client: stream,
+                            grant,
+                            backend,
+                            pipelined: session.into_pipelined(),
+                        });
                     }
                     Err(result) => {
                         log.result = result.as_str();
@@ -156,11 +199,11 @@ where
                             }
                             goodbye(&mut stream, &bye).await;
                             log.end = "too_many_attempts";
-                            return None;
+                            return PreauthEnd::Done;
                         }
                         if write(&mut stream, &refusal).await.is_err() {
                             log.end = "client_gone";
-                            return None;
+                            return PreauthEnd::Done;
                         }
                         session.input(&[])
                     }
@@ -231,33 +274,41 @@ async fn log_in(
     }
 }
 
-async fn splice<S>(
-    conn: &mut Connection,
-    log: &mut SessionLog,
-    mut client: S,
-    grant: Grant,
-    mut backend: BackendSession,
-    pipelined: &[u8],
-) where
+async fn splice<S>(conn: &mut Connection, log: &mut SessionLog, session: LoggedIn<S>)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let LoggedIn {
+        mut client,
+        grant,
+        backend,
+        pipelined,
+    } = session;
+    let BackendSession {
+        stream: mut backend,
+        leftover,
+    } = backend;
     log.user = Some(grant.route.address.clone());
     log.pool = Some(grant.route.pool.name.clone());
+    drop(grant);
     let mut hello = login_reply(LoginResult::Ok, &conn.context.config.messages);
-    hello.extend_from_slice(&backend.leftover);
+    hello.extend_from_slice(&leftover);
+    drop(leftover);
     if write(&mut client, &hello).await.is_err() {
         log.end = "client_gone";
         return;
     }
-    if !pipelined.is_empty() && backend.stream.write_all(pipelined).await.is_err() {
+    drop(hello);
+    if !pipelined.is_empty() && backend.write_all(&pipelined).await.is_err() {
         log.end = "backend_gone";
         return;
     }
     log.client_to_backend += pipelined.len() as u64;
+    drop(pipelined);
     let idle = conn.context.config.limits.idle_timeout.0;
     let (end, stats) = relay::splice(
         &mut client,
-        &mut backend.stream,
+        &mut backend,
         idle,
         &mut conn.shutdown,
         &relay::NoMeter,
