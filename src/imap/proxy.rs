@@ -120,6 +120,8 @@ where
             Some(Event::StartTls) => return Some(stream),
             Some(Event::TlsRequired) => {
                 log.result = LoginResult::TlsRequired.as_str();
+                conn.context
+                    .count_login(Protocol::Imap, None, LoginResult::TlsRequired);
                 session.input(&[])
             }
             Some(Event::Logout) => {
@@ -137,6 +139,10 @@ where
                     Ok((grant, address, backend)) => {
                         log.backend = Some(address);
                         log.result = LoginResult::Ok.as_str();
+                        let pool = Some(grant.route.pool.name.as_str());
+                        conn.context
+                            .metrics
+                            .login(Protocol::Imap, pool, LoginResult::Ok);
                         let pipelined = session.into_pipelined();
                         splice(
                             conn,
@@ -152,6 +158,8 @@ where
                     }
                     Err(result) => {
                         log.result = result.as_str();
+                        let name = Some(credentials.username.as_str());
+                        conn.context.count_login(Protocol::Imap, name, result);
                         pending =
                             reply::refused(&credentials.tag, result, &conn.context.config.messages);
                         if attempts >= max_attempts {
@@ -217,7 +225,8 @@ async fn log_in(
         login_timeout: BACKEND_LOGIN_TIMEOUT,
     };
     let user = grant.route.address.clone();
-    match first_available(&conn.id, pool, Protocol::Imap, &user, |address| {
+    let metrics = &conn.context.metrics;
+    match first_available(&conn.id, pool, Protocol::Imap, &user, metrics, |address| {
         let request = &request;
         async move { backend::login(&address, request).await }
     })
@@ -268,6 +277,8 @@ async fn splice<S>(
         relay::splice(&mut client, &mut backend.stream, idle, &mut conn.shutdown).await;
     log.client_to_backend += stats.client_to_backend;
     log.backend_to_client += stats.backend_to_client;
+    let (sent, received) = (log.client_to_backend, log.backend_to_client);
+    conn.context.metrics.relayed(Protocol::Imap, sent, received);
     log.end = end.as_str();
     match end {
         RelayEnd::Shutdown => goodbye(&mut client, BYE_SHUTDOWN).await,

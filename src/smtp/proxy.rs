@@ -120,6 +120,8 @@ where
             Some(Event::StartTls) => return Some(stream),
             Some(Event::TlsRequired) => {
                 log.result = LoginResult::TlsRequired.as_str();
+                conn.context
+                    .count_login(Protocol::Smtp, None, LoginResult::TlsRequired);
                 session.input(&[])
             }
             Some(Event::Quit) => {
@@ -137,6 +139,10 @@ where
                 match log_in(conn, &credentials, &helo).await {
                     Ok((grant, address, backend)) => {
                         log.result = LoginResult::Ok.as_str();
+                        let pool = Some(grant.route.pool.name.as_str());
+                        conn.context
+                            .metrics
+                            .login(Protocol::Smtp, pool, LoginResult::Ok);
                         log.backend = Some(address);
                         let pipelined = session.into_pipelined();
                         splice(conn, log, stream, grant, backend, &pipelined).await;
@@ -144,6 +150,8 @@ where
                     }
                     Err(result) => {
                         log.result = result.as_str();
+                        let name = Some(credentials.username.as_str());
+                        conn.context.count_login(Protocol::Smtp, name, result);
                         let refusal = login_reply(result, &context.config.messages);
                         let last =
                             result == LoginResult::TooManyConnections || attempts >= max_attempts;
@@ -210,7 +218,8 @@ async fn log_in(
         login_timeout: BACKEND_LOGIN_TIMEOUT,
     };
     let user = grant.route.address.clone();
-    match first_available(&conn.id, pool, Protocol::Smtp, &user, |address| {
+    let metrics = &conn.context.metrics;
+    match first_available(&conn.id, pool, Protocol::Smtp, &user, metrics, |address| {
         let request = &request;
         async move { backend::login(&address, request).await }
     })
@@ -256,6 +265,8 @@ async fn splice<S>(
         relay::splice(&mut client, &mut backend.stream, idle, &mut conn.shutdown).await;
     log.client_to_backend += stats.client_to_backend;
     log.backend_to_client += stats.backend_to_client;
+    let (sent, received) = (log.client_to_backend, log.backend_to_client);
+    conn.context.metrics.relayed(Protocol::Smtp, sent, received);
     log.end = end.as_str();
     match end {
         RelayEnd::Shutdown => goodbye(&mut client, REPLY_SHUTDOWN).await,
