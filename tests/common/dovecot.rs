@@ -32,6 +32,8 @@ pub struct DovecotOpts {
     pub master_password: String,
     /// Also listen for LMTP, so a [`super::Postfix`] can deliver here.
     pub lmtp: bool,
+    /// Listen for IMAP on this port instead of a free one (a backend coming back where it was).
+    pub imap_port: Option<u16>,
 }
 
 impl Default for DovecotOpts {
@@ -41,6 +43,7 @@ impl Default for DovecotOpts {
             master_user: "proxy".to_owned(),
             master_password: "master-secret".to_owned(),
             lmtp: false,
+            imap_port: None,
         }
     }
 }
@@ -56,6 +59,12 @@ impl DovecotOpts {
     pub fn master(mut self, user: &str, password: &str) -> Self {
         self.master_user = user.to_owned();
         self.master_password = password.to_owned();
+        self
+    }
+
+    /// Listens for IMAP on `port` (e.g. the port of a Dovecot that was stopped).
+    pub fn imap_port(mut self, port: u16) -> Self {
+        self.imap_port = Some(port);
         self
     }
 
@@ -126,7 +135,11 @@ impl Dovecot {
         );
 
         let ports = free_ports(2);
-        let imap_addr = loopback(ports.first().copied().unwrap_or_default());
+        let imap_addr = loopback(
+            opts.imap_port
+                .or_else(|| ports.first().copied())
+                .unwrap_or_default(),
+        );
         let lmtp_addr = opts
             .lmtp
             .then(|| loopback(ports.get(1).copied().unwrap_or_default()));
