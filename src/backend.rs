@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::config::Protocol;
+use crate::metrics::Metrics;
 use crate::routing::Pool;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +45,10 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, Back
     Ok(stream)
 }
 
-/// Tries `login` on each backend of `pool` in the user's rendezvous order, moving on only when
-/// a backend is unreachable. Returns the backend's address with the session.
+/// Tries `login` on each backend of `pool` in the user's rendezvous order (healthy backends
+/// first), moving on only when a backend is unreachable. Returns the backend's address with
+/// the session. Each attempt's time goes to `mailgate_backend_connect_duration_seconds`; an
+/// unreachable backend counts as a failed health check.
 ///
 /// # Errors
 /// The first error that is not "unreachable", or `Unreachable` when every backend was.
@@ -54,16 +57,24 @@ pub async fn first_available<T, F, Fut>(
     pool: &Pool,
     protocol: Protocol,
     user: &str,
+    metrics: &Metrics,
     mut login: F,
 ) -> Result<(String, T), BackendError>
 where
     F: FnMut(String) -> Fut,
     Fut: Future<Output = Result<T, BackendError>>,
 {
+    let histogram = metrics.backend_connect(&pool.name);
     for backend in pool.order(protocol, user) {
-        match login(backend.address.clone()).await {
+        let timer = histogram.map(|h| h.start_timer());
+        let result = login(backend.address.clone()).await;
+        drop(timer);
+        match result {
             Ok(session) => return Ok((backend.address.clone(), session)),
             Err(e) if e.try_next() => {
+                if backend.health().record(false) == Some(false) {
+                    tracing::warn!(pool = %pool.name, backend = %backend.address, "backend marked down after failed logins");
+                }
                 tracing::warn!(session = session_id, pool = %pool.name, backend = %backend.address, error = %e, "backend unreachable; trying the next");
             }
             Err(e) => {

@@ -739,13 +739,6 @@ impl Config {
         }
         let used = self.routed_pools();
         for name in self.pools.keys() {
-            let health = format!("pools.{name}.health");
-            if self.key_lines.line(&health).is_some() {
-                note(
-                    health,
-                    "accepted but not active yet in this version: no health probes are run".into(),
-                );
-            }
             if !used.contains(name.as_str()) {
                 note(
                     format!("pools.{name}"),
@@ -754,12 +747,6 @@ impl Config {
                         .into(),
                 );
             }
-        }
-        if self.metrics.is_some() {
-            note(
-                "metrics".into(),
-                "accepted but not active yet in this version: nothing listens there".into(),
-            );
         }
         notes.sort_by_key(|n| n.line);
         notes.iter().map(ToString::to_string).collect()
@@ -2068,9 +2055,7 @@ metrics: { address: \"127.0.0.1:9993\" }\n",
             config.notes(),
             [
                 "t.yaml:2: listeners[0].proxy_protocol: accepted but not active yet in this version: no PROXY header is read",
-                "t.yaml:14: pools.p.health: accepted but not active yet in this version: no health probes are run",
                 "t.yaml:17: limits.max_connections: accepted but not enforced yet in this version: max_connections, trusted_proxies",
-                "t.yaml:19: metrics: accepted but not active yet in this version: nothing listens there",
             ]
         );
     }

@@ -17,13 +17,17 @@
 //! - `login`: the outcome words and the authorize step both protocols share.
 //! - `routing`: login → pool → backend order (rendezvous hashing).
 //! - `relay`: the splice.
+//! - `metrics`: the Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint;
+//!   `health`: backend health checks and readiness.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
 pub mod backend;
 pub mod config;
+pub mod health;
 pub mod imap;
 pub mod login;
+pub mod metrics;
 pub mod policy;
 pub mod relay;
 pub mod routing;

@@ -105,6 +105,7 @@ pub async fn authorize(
     password: &[u8],
     protocol: Protocol,
 ) -> Result<Grant, LoginResult> {
+    let _timer = context.metrics.auth_duration(protocol).start_timer();
     let route = context.router.route(username);
     // An unroutable name is verified as-is, against the dummy hash: same work, same answer.
     let address = route

@@ -378,8 +378,8 @@ mod tests {
     async fn large_transfers_both_ways_at_once_do_not_deadlock() {
         // Each side writes 4 MiB while the other writes too, through small pipes: a relay
         // that served one direction at a time would block forever.
-        let (mut client_side, mut client) = tokio::io::duplex(1024);
-        let (mut backend, mut backend_side) = tokio::io::duplex(1024);
+        let (client_side, mut client) = tokio::io::duplex(1024);
+        let (mut backend, backend_side) = tokio::io::duplex(1024);
         let (_trigger, mut shutdown) = crate::shutdown::channel();
         let relay = tokio::spawn(async move {
             splice(

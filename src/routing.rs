@@ -2,7 +2,9 @@
 //!
 //! The order inside a pool is rendezvous (highest-random-weight) hashing of the user over the
 //! pool's backends: every mailgate instance computes the same order without talking to the
-//! others, and when a backend fails only its own users move (to their second choice).
+//! others, and when a backend fails only its own users move (to their second choice). Backends
+//! marked down by their health checks (`health`) go to the end of the order: still tried when
+//! every backend is down, rather than refusing the login outright.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -11,20 +13,44 @@ use std::time::Duration;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::config::{BackendTls, Config, LoginConfig, Protocol, Secret, SmtpLogin};
+use crate::health::{BackendHealth, Thresholds};
 
 /// One backend server, as configured (`host:port`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Backend {
     pub address: String,
     /// Hash seed derived from the address, so a backend keeps its weights when others change.
     seed: u64,
+    /// Up or down, shared with this backend's health check.
+    health: Arc<BackendHealth>,
 }
 
+impl PartialEq for Backend {
+    fn eq(&self, other: &Backend) -> bool {
+        self.address == other.address
+    }
+}
+
+impl Eq for Backend {}
+
 impl Backend {
+    /// A backend with the default fall/rise thresholds.
     pub fn new(address: impl Into<String>) -> Backend {
+        Backend::with_thresholds(address, Thresholds::default())
+    }
+
+    pub fn with_thresholds(address: impl Into<String>, thresholds: Thresholds) -> Backend {
         let address = address.into();
         let seed = xxh3_64_with_seed(address.as_bytes(), 0x6d61_696c_6761_7465);
-        Backend { address, seed }
+        Backend {
+            address,
+            seed,
+            health: Arc::new(BackendHealth::new(thresholds)),
+        }
+    }
+
+    pub fn health(&self) -> &Arc<BackendHealth> {
+        &self.health
     }
 
     fn weight(&self, user: &str) -> u64 {
@@ -52,17 +78,25 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The pool's backends for `protocol`, best first for `user` (rendezvous order).
+    /// The pool's backends for `protocol`, best first for `user`: the healthy ones in
+    /// rendezvous order, then the ones marked down, in rendezvous order too.
     pub fn order(&self, protocol: Protocol, user: &str) -> Vec<&Backend> {
         let backends = match protocol {
             Protocol::Imap => &self.imap,
             Protocol::Smtp => &self.smtp,
         };
-        let mut ranked: Vec<(u64, &Backend)> =
-            backends.iter().map(|b| (b.weight(user), b)).collect();
-        // Highest weight first; the address breaks (astronomically unlikely) ties.
-        ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.address.cmp(&b.1.address)));
-        ranked.into_iter().map(|(_, b)| b).collect()
+        let mut ranked: Vec<(bool, u64, &Backend)> = backends
+            .iter()
+            .map(|b| (b.health.is_up(), b.weight(user), b))
+            .collect();
+        // Up before down, then highest weight first; the address breaks (astronomically
+        // unlikely) ties.
+        ranked.sort_unstable_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then_with(|| b.1.cmp(&a.1))
+                .then_with(|| a.2.address.cmp(&b.2.address))
+        });
+        ranked.into_iter().map(|(_, _, b)| b).collect()
     }
 }
 
@@ -101,6 +135,13 @@ impl Router {
     pub fn from_config(config: &Config) -> Result<Router, RouterError> {
         let mut pools = BTreeMap::new();
         for (name, pool) in &config.pools {
+            let thresholds = Thresholds::from(&pool.health);
+            let backends = |addresses: &[String]| {
+                addresses
+                    .iter()
+                    .map(|a| Backend::with_thresholds(a, thresholds))
+                    .collect()
+            };
             let imap_login = match &pool.login {
                 LoginConfig::Passthrough => ImapLogin::Passthrough,
                 LoginConfig::Master {
@@ -134,8 +175,8 @@ impl Router {
                 name.clone(),
                 Arc::new(Pool {
                     name: name.clone(),
-                    imap: pool.imap.iter().map(Backend::new).collect(),
-                    smtp: pool.smtp.iter().map(Backend::new).collect(),
+                    imap: backends(&pool.imap),
+                    smtp: backends(&pool.smtp),
                     backend_tls: pool.backend_tls,
                     imap_login,
                     smtp_login: pool.smtp_login,
@@ -275,6 +316,38 @@ mod tests {
         // Spread: each backend gets a fair share (1000 expected; allow wide noise).
         for (backend, n) in &first_choice {
             assert!((800..1200).contains(n), "{backend}: {n}");
+        }
+    }
+
+    #[test]
+    fn down_backends_go_last_and_the_rest_keep_their_rendezvous_order() {
+        let three = pool(&["10.0.0.1:143", "10.0.0.2:143", "10.0.0.3:143"]);
+        let two = pool(&["10.0.0.1:143", "10.0.0.3:143"]);
+        let down = three
+            .imap
+            .iter()
+            .find(|b| b.address == "10.0.0.2:143")
+            .map(|b| b.health().clone())
+            .unwrap_or_else(|| panic!("no 10.0.0.2"));
+        // Default thresholds: two failures in a row mark it down.
+        down.record(false);
+        down.record(false);
+        assert!(!down.is_up());
+        for i in 0..300 {
+            let user = format!("user{i}@example.com");
+            let order: Vec<&str> = three
+                .order(Protocol::Imap, &user)
+                .iter()
+                .map(|b| b.address.as_str())
+                .collect();
+            let healthy: Vec<&str> = two
+                .order(Protocol::Imap, &user)
+                .iter()
+                .map(|b| b.address.as_str())
+                .collect();
+            // Rendezvous over the healthy backends, and the down one still tried last.
+            assert_eq!(order.get(..2), Some(&healthy[..]), "{user}");
+            assert_eq!(order.get(2), Some(&"10.0.0.2:143"), "{user}");
         }
     }
 }

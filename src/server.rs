@@ -17,6 +17,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::accounts::{AccountStore, Authenticator};
 use crate::config::{Config, ListenerConfig, ListenerTls, Protocol};
+use crate::health::Readiness;
+use crate::login::LoginResult;
+use crate::metrics::{ConnectionGuard, ListenerMetrics, Metrics};
 use crate::routing::Router;
 use crate::shutdown::{self, Phase, Shutdown};
 use crate::tls::Tls;
@@ -33,6 +36,17 @@ pub struct Context {
     /// The SMTP extensions every submission backend offers (probed), shown to clients after
     /// mailgate's own changes.
     pub smtp_extensions: ArcSwap<Vec<String>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Context {
+    /// Counts one login attempt under the pool `login` routes to (`none` when it routes
+    /// nowhere, or when there is no name to route: a `tls_required` refusal).
+    pub fn count_login(&self, protocol: Protocol, login: Option<&str>, result: LoginResult) {
+        let route = login.and_then(|name| self.router.route(name));
+        let pool = route.as_ref().map(|r| r.pool.name.as_str());
+        self.metrics.login(protocol, pool, result);
+    }
 }
 
 /// One bound listener.
@@ -40,6 +54,8 @@ pub struct Listener {
     pub config: ListenerConfig,
     /// The address actually bound (differs from the config's when it asked for port 0).
     pub local_addr: SocketAddr,
+    /// This listener's connection counters.
+    pub metrics: ListenerMetrics,
     socket: TcpListener,
 }
 
@@ -47,6 +63,9 @@ pub struct Listener {
 pub struct Server {
     context: Arc<Context>,
     listeners: Vec<Listener>,
+    /// The bound `/metrics` endpoint, when `metrics.address` is configured.
+    metrics_socket: Option<TcpListener>,
+    readiness: Arc<Readiness>,
 }
 
 impl Server {
@@ -83,6 +102,10 @@ impl Server {
                 );
             }
         }
+        let metrics = Metrics::new(&prometheus::Registry::new(), &config).context("metrics")?;
+        if let Some(tls) = &tls {
+            metrics.certificates(&tls.resolver.current());
+        }
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let socket = TcpListener::bind(l.address)
@@ -92,9 +115,21 @@ impl Server {
             listeners.push(Listener {
                 config: l.clone(),
                 local_addr,
+                metrics: metrics
+                    .listener(&l.name)
+                    .with_context(|| format!("listeners `{}`: no metrics", l.name))?,
                 socket,
             });
         }
+        let metrics_socket = match &config.metrics {
+            Some(m) => Some(
+                TcpListener::bind(m.address)
+                    .await
+                    .with_context(|| format!("metrics: cannot bind {}", m.address))?,
+            ),
+            None => None,
+        };
+        let readiness = Arc::new(Readiness::new(&config, &router));
         let auth = Authenticator::new(store);
         let hostname = hostname(tls.as_ref());
         let smtp_extensions = ArcSwap::from_pointee(probe_smtp(&config, &router, &hostname).await);
@@ -106,8 +141,11 @@ impl Server {
                 tls,
                 hostname,
                 smtp_extensions,
+                metrics: Arc::new(metrics),
             }),
             listeners,
+            metrics_socket,
+            readiness,
         })
     }
 
@@ -119,11 +157,35 @@ impl Server {
             .collect()
     }
 
+    /// The bound address of the metrics endpoint, if one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_socket
+            .as_ref()
+            .and_then(|s| s.local_addr().ok())
+    }
+
     /// Serves until `shutdown`: on `Draining`, stops accepting and lets sessions finish until
     /// `shutdown.drain_timeout`; then (or on `Closing`) closes the rest.
     pub async fn serve(self, mut outer: Shutdown) {
         let (trigger, inner) = shutdown::channel();
         let tracker = TaskTracker::new();
+        crate::health::spawn_checkers(
+            &self.context.config,
+            &self.context.router,
+            &self.context.metrics,
+            &inner,
+        );
+        if let Some(socket) = self.metrics_socket {
+            if let Ok(address) = socket.local_addr() {
+                tracing::info!(address = %address, "metrics listening");
+            }
+            tokio::spawn(crate::metrics::serve(
+                socket,
+                self.context.metrics.clone(),
+                self.readiness.clone(),
+                inner.clone(),
+            ));
+        }
         for listener in self.listeners {
             tracing::info!(
                 listener = %listener.config.name,
@@ -139,7 +201,9 @@ impl Server {
                 tracker.clone(),
             ));
         }
+        self.readiness.set_listening(true);
         outer.reached(Phase::Draining).await;
+        self.readiness.set_listening(false);
         trigger.advance(Phase::Draining);
         tracker.close();
         let drain = self.context.config.shutdown.drain_timeout.0;
@@ -224,6 +288,7 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let connection = Connection {
+                    metered: listener.metrics.accepted(),
                     context: context.clone(),
                     listener: listener.clone(),
                     peer,
@@ -250,6 +315,8 @@ pub struct Connection {
     pub shutdown: Shutdown,
     pub id: String,
     pub start: Instant,
+    /// Keeps the connection counted as active until it is dropped.
+    pub metered: ConnectionGuard,
 }
 
 impl Connection {
@@ -276,10 +343,12 @@ impl Connection {
             Ok(Ok(stream)) => Some(stream),
             Ok(Err(e)) => {
                 tracing::debug!(session = %self.id, error = %e, "TLS handshake failed");
+                self.listener.metrics.tls_handshake_failed();
                 log.end = "tls_handshake_failed";
                 None
             }
             Err(_) => {
+                self.listener.metrics.tls_handshake_failed();
                 log.end = "tls_handshake_timeout";
                 None
             }

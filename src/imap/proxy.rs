@@ -166,6 +166,8 @@ where
             Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
             Some(Event::TlsRequired) => {
                 log.result = LoginResult::TlsRequired.as_str();
+                conn.context
+                    .count_login(Protocol::Imap, None, LoginResult::TlsRequired);
                 session.input(&[])
             }
             Some(Event::Logout) => {
@@ -183,6 +185,10 @@ where
                     Ok((grant, address, backend)) => {
                         log.backend = Some(address);
                         log.result = LoginResult::Ok.as_str();
+                        let pool = Some(grant.route.pool.name.as_str());
+                        conn.context
+                            .metrics
+                            .login(Protocol::Imap, pool, LoginResult::Ok);
                         return PreauthEnd::LoggedIn(LoggedIn {
                             client: stream,
                             tag: credentials.tag.clone(),
@@ -193,6 +199,8 @@ where
                     }
                     Err(result) => {
                         log.result = result.as_str();
+                        let name = Some(credentials.username.as_str());
+                        conn.context.count_login(Protocol::Imap, name, result);
                         pending =
                             reply::refused(&credentials.tag, result, &conn.context.config.messages);
                         if attempts >= max_attempts {
@@ -258,7 +266,8 @@ async fn log_in(
         login_timeout: BACKEND_LOGIN_TIMEOUT,
     };
     let user = grant.route.address.clone();
-    match first_available(&conn.id, pool, Protocol::Imap, &user, |address| {
+    let metrics = &conn.context.metrics;
+    match first_available(&conn.id, pool, Protocol::Imap, &user, metrics, |address| {
         let request = &request;
         async move { backend::login(&address, request).await }
     })
@@ -324,6 +333,8 @@ where
     .await;
     log.client_to_backend += stats.client_to_backend;
     log.backend_to_client += stats.backend_to_client;
+    let (sent, received) = (log.client_to_backend, log.backend_to_client);
+    conn.context.metrics.relayed(Protocol::Imap, sent, received);
     log.end = end.as_str();
     match end {
         RelayEnd::Shutdown => goodbye(&mut client, BYE_SHUTDOWN).await,

@@ -160,6 +160,8 @@ where
             Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
             Some(Event::TlsRequired) => {
                 log.result = LoginResult::TlsRequired.as_str();
+                conn.context
+                    .count_login(Protocol::Smtp, None, LoginResult::TlsRequired);
                 session.input(&[])
             }
             Some(Event::Quit) => {
@@ -177,6 +179,10 @@ where
                 match log_in(conn, &credentials, &helo).await {
                     Ok((grant, address, backend)) => {
                         log.result = LoginResult::Ok.as_str();
+                        let pool = Some(grant.route.pool.name.as_str());
+                        conn.context
+                            .metrics
+                            .login(Protocol::Smtp, pool, LoginResult::Ok);
                         log.backend = Some(address);
                         return PreauthEnd::LoggedIn(LoggedIn {
                             client: stream,
@@ -187,6 +193,8 @@ where
                     }
                     Err(result) => {
                         log.result = result.as_str();
+                        let name = Some(credentials.username.as_str());
+                        conn.context.count_login(Protocol::Smtp, name, result);
                         let refusal = login_reply(result, &context.config.messages);
                         let last =
                             result == LoginResult::TooManyConnections || attempts >= max_attempts;
@@ -253,7 +261,8 @@ async fn log_in(
         login_timeout: BACKEND_LOGIN_TIMEOUT,
     };
     let user = grant.route.address.clone();
-    match first_available(&conn.id, pool, Protocol::Smtp, &user, |address| {
+    let metrics = &conn.context.metrics;
+    match first_available(&conn.id, pool, Protocol::Smtp, &user, metrics, |address| {
         let request = &request;
         async move { backend::login(&address, request).await }
     })
@@ -316,6 +325,8 @@ where
     .await;
     log.client_to_backend += stats.client_to_backend;
     log.backend_to_client += stats.backend_to_client;
+    let (sent, received) = (log.client_to_backend, log.backend_to_client);
+    conn.context.metrics.relayed(Protocol::Smtp, sent, received);
     log.end = end.as_str();
     match end {
         RelayEnd::Shutdown => goodbye(&mut client, REPLY_SHUTDOWN).await,

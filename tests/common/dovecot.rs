@@ -64,6 +64,12 @@ impl DovecotOpts {
         self
     }
 
+    /// Listens for IMAP on `port` (e.g. the port of a Dovecot that was stopped).
+    pub fn imap_port(mut self, port: u16) -> Self {
+        self.imap_port = Some(port);
+        self
+    }
+
     /// Enables the LMTP listener.
     pub fn with_lmtp(mut self) -> Self {
         self.lmtp = true;

@@ -1,6 +1,7 @@
 //! The real `mailgate` binary for one test: a config written into a temp dir (listeners on
 //! `127.0.0.1:0`, a development certificate made on first start), the process's stderr
-//! collected, the bound ports read from its `listening` log lines, stopped on drop.
+//! collected, the bound ports read from its `listening` log lines (and the metrics endpoint's
+//! from `metrics listening`), stopped on drop.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -56,6 +57,8 @@ pub struct MailgateOpts {
     pub limits: Vec<String>,
     pub drain_timeout: String,
     pub smtp_login: String,
+    /// Every pool's `health:` value (a YAML flow mapping).
+    pub health: String,
 }
 
 impl MailgateOpts {
@@ -67,7 +70,14 @@ impl MailgateOpts {
             limits: vec!["preauth_timeout: 30s".into()],
             drain_timeout: "30s".into(),
             smtp_login: "xclient".into(),
+            health: "{ interval: 5s, timeout: 2s, fall: 2, rise: 2 }".into(),
         }
+    }
+
+    /// Sets every pool's health checks, e.g. `{ interval: 200ms, timeout: 100ms, fall: 1, rise: 1 }`.
+    pub fn health(mut self, value: &str) -> Self {
+        self.health = value.into();
+        self
     }
 
     /// Sets one `limits:` key (`"idle_timeout: 5s"`), replacing an earlier value of that key.
@@ -89,6 +99,7 @@ pub struct Mailgate {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     addrs: HashMap<String, SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     dir: TempDir,
 }
 
@@ -97,7 +108,7 @@ fn list(addrs: &[SocketAddr]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-fn pool_yaml(out: &mut String, name: &str, pool: &Pool, smtp_login: &str) {
+fn pool_yaml(out: &mut String, name: &str, pool: &Pool, smtp_login: &str, health: &str) {
     let _ = writeln!(out, "  {name}:");
     let _ = writeln!(out, "    imap: {}", list(&pool.imap));
     let _ = writeln!(out, "    smtp: {}", list(&pool.smtp));
@@ -114,10 +125,7 @@ fn pool_yaml(out: &mut String, name: &str, pool: &Pool, smtp_login: &str) {
         }
     }
     let _ = writeln!(out, "    smtp_login: {smtp_login}");
-    let _ = writeln!(
-        out,
-        "    health: {{ interval: 5s, timeout: 2s, fall: 2, rise: 2 }}"
-    );
+    let _ = writeln!(out, "    health: {health}");
 }
 
 impl Mailgate {
@@ -160,12 +168,17 @@ impl Mailgate {
             child: Some(child),
             log,
             addrs: HashMap::new(),
+            metrics_addr: None,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            mailgate.addrs = parse_listening(&mailgate.log());
-            if mailgate.addrs.len() == Self::listeners(opts).len() {
+            let log = mailgate.log();
+            mailgate.addrs = parse_listening(&log);
+            mailgate.metrics_addr = parse_metrics_listening(&log);
+            if mailgate.addrs.len() == Self::listeners(opts).len()
+                && mailgate.metrics_addr.is_some()
+            {
                 return mailgate;
             }
             if let Some(status) = mailgate.try_wait() {
@@ -219,8 +232,14 @@ impl Mailgate {
             "routing:\n  consumer_domains: [skydesk.jp]\n  default_domain: skydesk.jp\n  consumer_pool: imap\n  organisation_pool: imappro"
         );
         let _ = writeln!(out, "pools:");
-        pool_yaml(&mut out, "imap", &opts.imap, &opts.smtp_login);
-        pool_yaml(&mut out, "imappro", &opts.imappro, &opts.smtp_login);
+        pool_yaml(&mut out, "imap", &opts.imap, &opts.smtp_login, &opts.health);
+        pool_yaml(
+            &mut out,
+            "imappro",
+            &opts.imappro,
+            &opts.smtp_login,
+            &opts.health,
+        );
         let _ = writeln!(out, "limits:");
         for line in &opts.limits {
             let _ = writeln!(out, "  {line}");
@@ -230,6 +249,7 @@ impl Mailgate {
             out,
             "messages:\n  help_url: https://help.example/app-passwords"
         );
+        let _ = writeln!(out, "metrics:\n  address: \"127.0.0.1:0\"");
         out
     }
 
@@ -240,6 +260,13 @@ impl Mailgate {
             .addrs
             .get(name)
             .unwrap_or_else(|| panic!("no listener {name}: {:?}", self.addrs))
+    }
+
+    /// The bound address of the metrics endpoint (`/metrics`, `/healthz`, `/readyz`).
+    #[track_caller]
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+            .unwrap_or_else(|| panic!("no metrics address in the log:\n{}", self.log()))
     }
 
     pub fn port(&self, name: &str) -> u16 {
@@ -314,6 +341,17 @@ impl Drop for Mailgate {
             let _ = child.wait();
         }
     }
+}
+
+/// `address=ADDR` from the `metrics listening` line.
+fn parse_metrics_listening(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter(|l| l.contains("metrics listening"))
+        .find_map(|line| {
+            line.split_ascii_whitespace()
+                .find_map(|w| w.strip_prefix("address="))
+                .and_then(|v| v.trim_matches('"').parse().ok())
+        })
 }
 
 /// `listener=NAME ... address=ADDR` from each `listening` line.
