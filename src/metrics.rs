@@ -68,11 +68,21 @@ impl<T> PerProtocol<T> {
     }
 }
 
-/// The two directions of `mailgate_relay_bytes_total`.
+/// The two directions of `mailgate_relay_bytes_total`; the relay counts each chunk as it
+/// moves, so long sessions show in throughput while they run.
 #[derive(Debug, Clone)]
-struct Directions {
+pub struct Directions {
     client_to_backend: IntCounter,
     backend_to_client: IntCounter,
+}
+
+impl crate::relay::Meter for Directions {
+    fn client_to_backend(&self, bytes: u64) {
+        self.client_to_backend.inc_by(bytes);
+    }
+    fn backend_to_client(&self, bytes: u64) {
+        self.backend_to_client.inc_by(bytes);
+    }
 }
 
 /// Every metric of the contract, with its label children resolved.
@@ -379,10 +389,9 @@ impl Metrics {
     }
 
     /// Adds a finished splice's bytes (those the client pipelined after its login included).
-    pub fn relayed(&self, protocol: Protocol, client_to_backend: u64, backend_to_client: u64) {
-        let d = self.relay_bytes.get(protocol);
-        d.client_to_backend.inc_by(client_to_backend);
-        d.backend_to_client.inc_by(backend_to_client);
+    /// The relay's meter for `protocol`.
+    pub fn relay_meter(&self, protocol: Protocol) -> &Directions {
+        self.relay_bytes.get(protocol)
     }
 
     /// Counts a configuration reload.
@@ -573,7 +582,8 @@ pools:
         if let Some(h) = m.backend_connect("imap") {
             h.observe(0.003);
         }
-        m.relayed(Protocol::Smtp, 120, 7);
+        crate::relay::Meter::client_to_backend(m.relay_meter(Protocol::Smtp), 120);
+        crate::relay::Meter::backend_to_client(m.relay_meter(Protocol::Smtp), 7);
         m.reloaded(false);
         if let Some(g) = m.backend_up("imap", "192.0.2.1:143") {
             g.set(0);

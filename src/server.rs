@@ -5,12 +5,15 @@
 //! listener.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -20,6 +23,7 @@ use crate::config::{Config, ListenerConfig, ListenerTls, Protocol};
 use crate::health::Readiness;
 use crate::login::LoginResult;
 use crate::metrics::{ConnectionGuard, ListenerMetrics, Metrics};
+use crate::relay::RelayEnd;
 use crate::routing::Router;
 use crate::shutdown::{self, Phase, Shutdown};
 use crate::tls::Tls;
@@ -320,10 +324,15 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The pre-auth phase (TLS, session, login) runs as one boxed future, freed when it ends:
+    /// a spliced session, which may live for hours, keeps only the splice's own state.
     async fn serve(self, stream: TcpStream) {
-        match self.listener.config.protocol {
-            Protocol::Imap => crate::imap::proxy::serve(self, stream).await,
-            Protocol::Smtp => crate::smtp::proxy::serve(self, stream).await,
+        let spliced = match self.listener.config.protocol {
+            Protocol::Imap => Box::pin(crate::imap::proxy::serve(self, stream)).await,
+            Protocol::Smtp => Box::pin(crate::smtp::proxy::serve(self, stream)).await,
+        };
+        if let Some(spliced) = spliced {
+            spliced.run().await;
         }
     }
 
@@ -357,6 +366,108 @@ impl Connection {
 }
 
 pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The client's side of a connection: plain TCP, or TLS (boxed: a rustls connection is more
+/// than a kilobyte, and most of the code does not care which it is).
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl From<TcpStream> for ClientStream {
+    fn from(stream: TcpStream) -> Self {
+        ClientStream::Plain(stream)
+    }
+}
+
+impl From<TlsStream> for ClientStream {
+    fn from(stream: TlsStream) -> Self {
+        ClientStream::Tls(Box::new(stream))
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A logged-in session, handed from the protocol's pre-auth phase to the splice: the one
+/// splice both protocols share.
+pub struct Spliced {
+    pub conn: Connection,
+    pub log: SessionLog,
+    pub client: ClientStream,
+    pub backend: TcpStream,
+    /// The protocol's goodbye when the drain deadline passes (`* BYE ...`, `421 ...`).
+    pub bye_shutdown: &'static [u8],
+    /// ... and after the idle timeout.
+    pub bye_idle: &'static [u8],
+}
+
+impl Spliced {
+    /// Relays until either side is done, the idle timeout, or the drain deadline; then the
+    /// goodbye, the byte counts and the session's log line.
+    pub async fn run(self) {
+        let Spliced {
+            mut conn,
+            mut log,
+            mut client,
+            mut backend,
+            bye_shutdown,
+            bye_idle,
+        } = self;
+        let protocol = conn.listener.config.protocol;
+        let idle = conn.context.config.limits.idle_timeout.0;
+        let context = conn.context.clone();
+        let meter = context.metrics.relay_meter(protocol);
+        let (end, stats) =
+            crate::relay::splice(&mut client, &mut backend, idle, &mut conn.shutdown, meter).await;
+        log.client_to_backend += stats.client_to_backend;
+        log.backend_to_client += stats.backend_to_client;
+        log.end = end.as_str();
+        match end {
+            RelayEnd::Shutdown => goodbye(&mut client, bye_shutdown).await,
+            RelayEnd::IdleTimeout => goodbye(&mut client, bye_idle).await,
+            RelayEnd::Closed | RelayEnd::Error => {}
+        }
+        log.emit(&conn);
+    }
+}
 
 /// How long a goodbye may take to write.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);

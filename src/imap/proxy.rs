@@ -14,18 +14,16 @@ use crate::imap::backend::{self, BackendSession, LoginRequest};
 use crate::imap::reply;
 use crate::imap::session::{Credentials, Event, PreAuth, SessionConfig, BYE_SHUTDOWN, BYE_TIMEOUT};
 use crate::login::{authorize, Grant, LoginResult};
-use crate::relay::{self, RelayEnd};
-use crate::server::{goodbye, write, Connection, SessionLog};
+use crate::server::{goodbye, write, ClientStream, Connection, SessionLog, Spliced};
 use crate::shutdown::Phase;
 
 /// How long mailgate waits for the backend to finish logging in once connected.
 const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves one IMAP client connection to its end and leaves one log line.
-///
-/// The pre-auth phase, the TLS handshake and the login run as boxed futures that are freed
-/// when they end, so a long-lived spliced session keeps only what the splice needs.
-pub async fn serve(mut conn: Connection, tcp: TcpStream) {
+/// Runs one IMAP client connection up to the splice: TLS, the pre-auth session, the login.
+/// Returns the logged-in session for the shared splice, or `None` when the connection ended
+/// here (after leaving its log line).
+pub async fn serve(mut conn: Connection, tcp: TcpStream) -> Option<Spliced> {
     let mut log = SessionLog::new();
     let deadline = Instant::now() + conn.context.config.limits.preauth_timeout.0;
     let plain = |starttls_offered| SessionConfig {
@@ -36,54 +34,36 @@ pub async fn serve(mut conn: Connection, tcp: TcpStream) {
         tls_active: true,
         starttls_offered: false,
     };
-    match conn.listener.config.tls {
-        ListenerTls::None => run(&mut conn, &mut log, tcp, plain(false), true, deadline).await,
-        ListenerTls::Implicit => {
-            if let Some(tls) = Box::pin(conn.tls_handshake(&mut log, tcp)).await {
-                run(&mut conn, &mut log, tls, secure, true, deadline).await;
-            }
-        }
-        ListenerTls::Starttls => {
-            match Box::pin(session(
-                &mut conn,
-                &mut log,
-                tcp,
-                plain(true),
-                true,
-                deadline,
-            ))
+    let logged_in = match conn.listener.config.tls {
+        ListenerTls::None => session(&mut conn, &mut log, tcp, plain(false), true, deadline)
             .await
-            {
-                PreauthEnd::StartTls(tcp) => {
-                    if let Some(tls) = Box::pin(conn.tls_handshake(&mut log, tcp)).await {
-                        // No new greeting after STARTTLS (RFC 3501 6.2.1).
-                        run(&mut conn, &mut log, tls, secure, false, deadline).await;
-                    }
-                }
-                PreauthEnd::LoggedIn(session) => splice(&mut conn, &mut log, session).await,
-                PreauthEnd::Done => {}
+            .logged_in(),
+        ListenerTls::Implicit => match conn.tls_handshake(&mut log, tcp).await {
+            Some(tls) => session(&mut conn, &mut log, tls, secure, true, deadline)
+                .await
+                .logged_in(),
+            None => None,
+        },
+        ListenerTls::Starttls => {
+            match session(&mut conn, &mut log, tcp, plain(true), true, deadline).await {
+                PreauthEnd::StartTls(tcp) => match conn.tls_handshake(&mut log, tcp).await {
+                    // No new greeting after STARTTLS (RFC 3501 6.2.1).
+                    Some(tls) => session(&mut conn, &mut log, tls, secure, false, deadline)
+                        .await
+                        .logged_in(),
+                    None => None,
+                },
+                PreauthEnd::LoggedIn(session) => Some(*session),
+                PreauthEnd::Done => None,
             }
         }
-    }
-    log.emit(&conn);
-}
-
-/// The pre-auth session on a stream that will not change (TLS already on, or none), then
-/// the splice.
-async fn run<S>(
-    conn: &mut Connection,
-    log: &mut SessionLog,
-    stream: S,
-    cfg: SessionConfig,
-    greet: bool,
-    deadline: Instant,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    if let PreauthEnd::LoggedIn(session) =
-        Box::pin(session(conn, log, stream, cfg, greet, deadline)).await
-    {
-        splice(conn, log, session).await;
+    };
+    match logged_in {
+        Some(session) => hand_over(conn, log, session).await,
+        None => {
+            log.emit(&conn);
+            None
+        }
     }
 }
 
@@ -92,14 +72,23 @@ enum PreauthEnd<S> {
     /// STARTTLS: the plain stream, for the handshake. Everything the client pipelined after
     /// STARTTLS went with the session.
     StartTls(S),
-    LoggedIn(LoggedIn<S>),
+    LoggedIn(Box<LoggedIn>),
     /// Logout, error, timeout or shutdown: nothing more to do.
     Done,
 }
 
-/// A login that succeeded at a backend: what the splice needs.
-struct LoggedIn<S> {
-    client: S,
+impl<S> PreauthEnd<S> {
+    fn logged_in(self) -> Option<LoggedIn> {
+        match self {
+            PreauthEnd::LoggedIn(session) => Some(*session),
+            PreauthEnd::StartTls(_) | PreauthEnd::Done => None,
+        }
+    }
+}
+
+/// A login that succeeded at a backend.
+struct LoggedIn {
+    client: ClientStream,
     /// The client's tag for its login command, for the tagged OK.
     tag: String,
     grant: Grant,
@@ -119,7 +108,7 @@ async fn session<S>(
     deadline: Instant,
 ) -> PreauthEnd<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Into<ClientStream>,
 {
     let mut session = PreAuth::new(cfg);
     let mut pending: Vec<u8> = if greet {
@@ -189,13 +178,13 @@ where
                         conn.context
                             .metrics
                             .login(Protocol::Imap, pool, LoginResult::Ok);
-                        return PreauthEnd::LoggedIn(LoggedIn {
-                            client: stream,
+                        return PreauthEnd::LoggedIn(Box::new(LoggedIn {
+                            client: stream.into(),
                             tag: credentials.tag.clone(),
                             grant,
                             backend,
                             pipelined: session.into_pipelined(),
-                        });
+                        }));
                     }
                     Err(result) => {
                         log.result = result.as_str();
@@ -289,10 +278,9 @@ fn refused_result(code: Option<&str>) -> LoginResult {
     }
 }
 
-async fn splice<S>(conn: &mut Connection, log: &mut SessionLog, session: LoggedIn<S>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+/// Answers the client's login with the backend's capabilities, passes on what it pipelined,
+/// and hands the session to the splice. Nothing of the login phase stays allocated.
+async fn hand_over(conn: Connection, mut log: SessionLog, session: LoggedIn) -> Option<Spliced> {
     let LoggedIn {
         mut client,
         tag,
@@ -309,38 +297,25 @@ where
     log.pool = Some(grant.route.pool.name.clone());
     let mut hello = reply::logged_in(&tag, &capabilities);
     hello.extend_from_slice(&leftover);
-    // Nothing of the login phase stays allocated for the life of the splice.
-    drop((tag, capabilities, leftover, grant));
     if write(&mut client, &hello).await.is_err() {
         log.end = "client_gone";
-        return;
-    }
-    drop(hello);
-    if !pipelined.is_empty() && backend.write_all(&pipelined).await.is_err() {
+    } else if !pipelined.is_empty() && backend.write_all(&pipelined).await.is_err() {
         log.end = "backend_gone";
-        return;
+    } else {
+        log.client_to_backend += pipelined.len() as u64;
+        let meter = conn.context.metrics.relay_meter(Protocol::Imap);
+        crate::relay::Meter::client_to_backend(meter, pipelined.len() as u64);
+        return Some(Spliced {
+            conn,
+            log,
+            client,
+            backend,
+            bye_shutdown: BYE_SHUTDOWN,
+            bye_idle: b"* BYE Idle for too long\r\n",
+        });
     }
-    log.client_to_backend += pipelined.len() as u64;
-    drop(pipelined);
-    let idle = conn.context.config.limits.idle_timeout.0;
-    let (end, stats) = relay::splice(
-        &mut client,
-        &mut backend,
-        idle,
-        &mut conn.shutdown,
-        &relay::NoMeter,
-    )
-    .await;
-    log.client_to_backend += stats.client_to_backend;
-    log.backend_to_client += stats.backend_to_client;
-    let (sent, received) = (log.client_to_backend, log.backend_to_client);
-    conn.context.metrics.relayed(Protocol::Imap, sent, received);
-    log.end = end.as_str();
-    match end {
-        RelayEnd::Shutdown => goodbye(&mut client, BYE_SHUTDOWN).await,
-        RelayEnd::IdleTimeout => goodbye(&mut client, b"* BYE Idle for too long\r\n").await,
-        RelayEnd::Closed | RelayEnd::Error => {}
-    }
+    log.emit(&conn);
+    None
 }
 
 #[cfg(test)]

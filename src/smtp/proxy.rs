@@ -12,9 +12,8 @@ use tokio::time::Instant;
 use crate::backend::{first_available, BackendError};
 use crate::config::{ListenerTls, Protocol, SmtpLogin};
 use crate::login::{authorize, Grant, LoginResult};
-use crate::relay::{self, RelayEnd};
 use crate::routing::ImapLogin;
-use crate::server::{goodbye, write, Connection, SessionLog};
+use crate::server::{goodbye, write, ClientStream, Connection, SessionLog, Spliced};
 use crate::shutdown::Phase;
 use crate::smtp::backend::{self, BackendSession, LoginRequest};
 use crate::smtp::reply::{self, login_reply, REPLY_SHUTDOWN, REPLY_TIMEOUT};
@@ -23,51 +22,42 @@ use crate::smtp::session::{Credentials, Event, PreAuth, SessionConfig};
 /// How long mailgate waits for the backend to take the session once connected.
 const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves one SMTP client connection to its end and leaves one log line.
-///
-/// The pre-auth phase, the TLS handshake and the login run as boxed futures that are freed
-/// when they end, so a spliced session keeps only what the splice needs.
-pub async fn serve(mut conn: Connection, tcp: TcpStream) {
+/// Runs one SMTP client connection up to the splice: TLS, the pre-auth session, AUTH and
+/// the backend login. Returns the session for the shared splice, or `None` when the
+/// connection ended here (after leaving its log line).
+pub async fn serve(mut conn: Connection, tcp: TcpStream) -> Option<Spliced> {
     let mut log = SessionLog::new();
     let deadline = Instant::now() + conn.context.config.limits.preauth_timeout.0;
-    match conn.listener.config.tls {
-        ListenerTls::None => run(&mut conn, &mut log, tcp, false, true, deadline).await,
-        ListenerTls::Implicit => {
-            if let Some(tls) = Box::pin(conn.tls_handshake(&mut log, tcp)).await {
-                run(&mut conn, &mut log, tls, true, true, deadline).await;
-            }
-        }
+    let logged_in = match conn.listener.config.tls {
+        ListenerTls::None => session(&mut conn, &mut log, tcp, false, false, true, deadline)
+            .await
+            .logged_in(),
+        ListenerTls::Implicit => match conn.tls_handshake(&mut log, tcp).await {
+            Some(tls) => session(&mut conn, &mut log, tls, true, false, true, deadline)
+                .await
+                .logged_in(),
+            None => None,
+        },
         ListenerTls::Starttls => {
-            let first = session(&mut conn, &mut log, tcp, false, true, true, deadline);
-            match Box::pin(first).await {
-                PreauthEnd::StartTls(tcp) => {
-                    if let Some(tls) = Box::pin(conn.tls_handshake(&mut log, tcp)).await {
-                        // No new greeting after STARTTLS; the client must EHLO again (RFC 3207).
-                        run(&mut conn, &mut log, tls, true, false, deadline).await;
-                    }
-                }
-                PreauthEnd::LoggedIn(session) => splice(&mut conn, &mut log, session).await,
-                PreauthEnd::Done => {}
+            match session(&mut conn, &mut log, tcp, false, true, true, deadline).await {
+                PreauthEnd::StartTls(tcp) => match conn.tls_handshake(&mut log, tcp).await {
+                    // No new greeting after STARTTLS; the client must EHLO again (RFC 3207).
+                    Some(tls) => session(&mut conn, &mut log, tls, true, false, false, deadline)
+                        .await
+                        .logged_in(),
+                    None => None,
+                },
+                PreauthEnd::LoggedIn(session) => Some(*session),
+                PreauthEnd::Done => None,
             }
         }
-    }
-    log.emit(&conn);
-}
-
-/// The pre-auth session on a stream that will not change, then the splice.
-async fn run<S>(
-    conn: &mut Connection,
-    log: &mut SessionLog,
-    stream: S,
-    tls_active: bool,
-    greet: bool,
-    deadline: Instant,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let preauth = session(conn, log, stream, tls_active, false, greet, deadline);
-    if let PreauthEnd::LoggedIn(session) = Box::pin(preauth).await {
-        splice(conn, log, session).await;
+    };
+    match logged_in {
+        Some(session) => hand_over(conn, log, session).await,
+        None => {
+            log.emit(&conn);
+            None
+        }
     }
 }
 
@@ -76,14 +66,23 @@ enum PreauthEnd<S> {
     /// STARTTLS: the plain stream, for the handshake; everything pipelined went with the
     /// session.
     StartTls(S),
-    LoggedIn(LoggedIn<S>),
+    LoggedIn(Box<LoggedIn>),
     /// QUIT, error, timeout or shutdown.
     Done,
 }
 
-/// An AUTH the backend took: what the splice needs.
-struct LoggedIn<S> {
-    client: S,
+impl<S> PreauthEnd<S> {
+    fn logged_in(self) -> Option<LoggedIn> {
+        match self {
+            PreauthEnd::LoggedIn(session) => Some(*session),
+            PreauthEnd::StartTls(_) | PreauthEnd::Done => None,
+        }
+    }
+}
+
+/// An AUTH the backend took.
+struct LoggedIn {
+    client: ClientStream,
     grant: Grant,
     backend: BackendSession,
     /// What the client sent after its AUTH, for the backend.
@@ -101,7 +100,7 @@ async fn session<S>(
     deadline: Instant,
 ) -> PreauthEnd<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Into<ClientStream>,
 {
     let context = conn.context.clone();
     let mut session = PreAuth::new(SessionConfig {
@@ -184,12 +183,12 @@ where
                             .metrics
                             .login(Protocol::Smtp, pool, LoginResult::Ok);
                         log.backend = Some(address);
-                        return PreauthEnd::LoggedIn(LoggedIn {
-                            client: stream,
+                        return PreauthEnd::LoggedIn(Box::new(LoggedIn {
+                            client: stream.into(),
                             grant,
                             backend,
                             pipelined: session.into_pipelined(),
-                        });
+                        }));
                     }
                     Err(result) => {
                         log.result = result.as_str();
@@ -283,10 +282,9 @@ async fn log_in(
     }
 }
 
-async fn splice<S>(conn: &mut Connection, log: &mut SessionLog, session: LoggedIn<S>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+/// Answers the client's AUTH with 235, passes on what it pipelined, and hands the session
+/// to the splice. Nothing of the login phase stays allocated.
+async fn hand_over(conn: Connection, mut log: SessionLog, session: LoggedIn) -> Option<Spliced> {
     let LoggedIn {
         mut client,
         grant,
@@ -299,38 +297,25 @@ where
     } = backend;
     log.user = Some(grant.route.address.clone());
     log.pool = Some(grant.route.pool.name.clone());
-    drop(grant);
     let mut hello = login_reply(LoginResult::Ok, &conn.context.config.messages);
     hello.extend_from_slice(&leftover);
-    drop(leftover);
     if write(&mut client, &hello).await.is_err() {
         log.end = "client_gone";
-        return;
-    }
-    drop(hello);
-    if !pipelined.is_empty() && backend.write_all(&pipelined).await.is_err() {
+    } else if !pipelined.is_empty() && backend.write_all(&pipelined).await.is_err() {
         log.end = "backend_gone";
-        return;
+    } else {
+        log.client_to_backend += pipelined.len() as u64;
+        let meter = conn.context.metrics.relay_meter(Protocol::Smtp);
+        crate::relay::Meter::client_to_backend(meter, pipelined.len() as u64);
+        return Some(Spliced {
+            conn,
+            log,
+            client,
+            backend,
+            bye_shutdown: REPLY_SHUTDOWN,
+            bye_idle: b"421 4.4.2 Idle for too long\r\n",
+        });
     }
-    log.client_to_backend += pipelined.len() as u64;
-    drop(pipelined);
-    let idle = conn.context.config.limits.idle_timeout.0;
-    let (end, stats) = relay::splice(
-        &mut client,
-        &mut backend,
-        idle,
-        &mut conn.shutdown,
-        &relay::NoMeter,
-    )
-    .await;
-    log.client_to_backend += stats.client_to_backend;
-    log.backend_to_client += stats.backend_to_client;
-    let (sent, received) = (log.client_to_backend, log.backend_to_client);
-    conn.context.metrics.relayed(Protocol::Smtp, sent, received);
-    log.end = end.as_str();
-    match end {
-        RelayEnd::Shutdown => goodbye(&mut client, REPLY_SHUTDOWN).await,
-        RelayEnd::IdleTimeout => goodbye(&mut client, b"421 4.4.2 Idle for too long\r\n").await,
-        RelayEnd::Closed | RelayEnd::Error => {}
-    }
+    log.emit(&conn);
+    None
 }
