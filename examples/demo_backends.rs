@@ -13,7 +13,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{Dovecot, DovecotOpts};
+use common::{Dovecot, DovecotOpts, Postfix, PostfixOpts};
 use mailgate::accounts::AccountStore;
 use mailgate::config::{Config, LoginConfig};
 use mailgate::routing::Router;
@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     let mut backends = Vec::new();
+    let mut lmtp_routes = Vec::new();
     for (name, pool) in &config.pools {
         let LoginConfig::Master { user, .. } = &pool.login else {
             anyhow::bail!("pools.{name}: the demo backends need `login: {{ mode: master }}`");
@@ -62,7 +63,9 @@ fn main() -> anyhow::Result<()> {
                 .rsplit_once(':')
                 .and_then(|(_, p)| p.parse().ok())
                 .ok_or_else(|| anyhow::anyhow!("pools.{name}.imap: {address} has no port"))?;
-            let mut opts = DovecotOpts::default().master(user, password.expose());
+            let mut opts = DovecotOpts::default()
+                .master(user, password.expose())
+                .with_lmtp();
             opts.imap_port = Some(port);
             let pool_users = users.get(name).cloned().unwrap_or_default();
             for u in &pool_users {
@@ -84,8 +87,43 @@ fn main() -> anyhow::Result<()> {
                 pool_users.len(),
                 dovecot.dir().display()
             );
+            for u in &pool_users {
+                if let Some((_, domain)) = u.rsplit_once('@') {
+                    lmtp_routes.push((domain.to_string(), dovecot.lmtp_addr()));
+                }
+            }
             backends.push(dovecot);
         }
+    }
+
+    // One Postfix per SMTP backend port named in the config (the shipped config has one,
+    // shared by both pools), taking XCLIENT from mailgate and delivering each domain over
+    // LMTP to the Dovecot of the pool it routes to.
+    let mut smtp_ports: Vec<u16> = config
+        .pools
+        .values()
+        .flat_map(|p| p.smtp.iter())
+        .filter_map(|a| a.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+        .collect();
+    smtp_ports.sort_unstable();
+    smtp_ports.dedup();
+    let mut postfixes = Vec::new();
+    for port in smtp_ports {
+        let mut opts = PostfixOpts::default().myhostname("smtp-backend.skydesk.jp");
+        opts.domains.clear();
+        opts.port = Some(port);
+        lmtp_routes.sort();
+        lmtp_routes.dedup();
+        for (domain, lmtp) in &lmtp_routes {
+            opts = opts.route(domain, *lmtp);
+        }
+        let postfix = Postfix::start(opts);
+        println!(
+            "demo backend: Postfix submission on {} (log {}/postfix.log)",
+            postfix.submission_addr(),
+            postfix.dir().display()
+        );
+        postfixes.push(postfix);
     }
     println!("demo backends ready");
 
@@ -103,6 +141,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     println!("stopping the demo backends");
+    drop(postfixes);
     drop(backends);
     Ok(())
 }

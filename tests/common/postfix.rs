@@ -33,6 +33,11 @@ pub struct PostfixOpts {
     pub message_size_limit: u64,
     /// `myhostname`: the name in the greeting and in `Received: … by NAME`.
     pub myhostname: String,
+    /// Per-domain LMTP destinations (`transport_maps`), over `lmtp` for these domains: the
+    /// demo delivers each pool's domains to that pool's Dovecot.
+    pub routes: Vec<(String, SocketAddr)>,
+    /// A fixed submission port instead of a free one (the demo).
+    pub port: Option<u16>,
 }
 
 impl Default for PostfixOpts {
@@ -42,6 +47,8 @@ impl Default for PostfixOpts {
             domains: vec!["example.com".to_owned()],
             message_size_limit: 30 * 1024 * 1024,
             myhostname: "mx.mailgate.test".to_owned(),
+            routes: Vec::new(),
+            port: None,
         }
     }
 }
@@ -51,6 +58,15 @@ impl PostfixOpts {
     pub fn delivering_to(mut self, lmtp: SocketAddr, domains: &[&str]) -> Self {
         self.lmtp = Some(lmtp);
         self.domains = domains.iter().map(|d| (*d).to_owned()).collect();
+        self
+    }
+
+    /// Delivers mail for `domain` to the LMTP listener at `lmtp` (adds it to the domains).
+    pub fn route(mut self, domain: &str, lmtp: SocketAddr) -> Self {
+        if !self.domains.iter().any(|d| d == domain) {
+            self.domains.push(domain.to_owned());
+        }
+        self.routes.push((domain.to_owned(), lmtp));
         self
     }
 
@@ -104,7 +120,9 @@ impl Postfix {
         std::os::unix::fs::chown(&data_dir, Some(uid), Some(gid))
             .unwrap_or_else(|e| panic!("chown {}: {e}", data_dir.display()));
 
-        let port = free_ports(1).first().copied().unwrap_or_default();
+        let port = opts
+            .port
+            .unwrap_or_else(|| free_ports(1).first().copied().unwrap_or_default());
         let submission_addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log_path = root.join("postfix.log");
         write_file(
@@ -258,6 +276,7 @@ mailbox_size_limit = 0
 virtual_mailbox_limit = 0
 virtual_mailbox_domains = {domains}
 virtual_transport = {transport}
+{transport_maps}
 "#,
         queue = queue_dir.display(),
         data = data_dir.display(),
@@ -266,6 +285,16 @@ virtual_transport = {transport}
         myhostname = opts.myhostname,
         size = opts.message_size_limit,
         domains = opts.domains.join(", "),
+        transport_maps = if opts.routes.is_empty() {
+            String::new()
+        } else {
+            let routes: Vec<String> = opts
+                .routes
+                .iter()
+                .map(|(domain, lmtp)| format!("{domain}=lmtp:inet:{}:{}", lmtp.ip(), lmtp.port()))
+                .collect();
+            format!("transport_maps = inline:{{ {} }}", routes.join(", "))
+        },
     )
 }
 
