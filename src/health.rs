@@ -20,6 +20,7 @@ use crate::config::{Config, HealthConfig, Protocol};
 use crate::metrics::Metrics;
 use crate::routing::{Pool, Router};
 use crate::shutdown::{Phase, Shutdown};
+use crate::smtp::backend::BackendExtensions;
 
 /// The longest greeting line read from a probed backend.
 const MAX_GREETING: usize = 512;
@@ -209,7 +210,16 @@ pub async fn check_loop<P, F>(
 
 /// Starts one probe task per backend of every pool (IMAP and SMTP), each stopping when
 /// `shutdown` reaches `Closing`.
-pub fn spawn_checkers(config: &Config, router: &Router, metrics: &Metrics, shutdown: &Shutdown) {
+///
+/// An SMTP backend's probe is an EHLO, whose answer also refreshes the extensions mailgate
+/// offers clients (`smtp_extensions`).
+pub fn spawn_checkers(
+    config: &Config,
+    router: &Router,
+    metrics: &Metrics,
+    smtp_extensions: &Arc<BackendExtensions>,
+    shutdown: &Shutdown,
+) {
     for pool in router.pools() {
         let health = config
             .pools
@@ -222,6 +232,7 @@ pub fn spawn_checkers(config: &Config, router: &Router, metrics: &Metrics, shutd
             for backend in backends {
                 let address = backend.address.clone();
                 let name = format!("{}/{}/{}", pool.name, protocol.as_str(), address);
+                let extensions = smtp_extensions.clone();
                 tokio::spawn(check_loop(
                     name,
                     backend.health().clone(),
@@ -229,7 +240,13 @@ pub fn spawn_checkers(config: &Config, router: &Router, metrics: &Metrics, shutd
                     interval,
                     move || {
                         let address = address.clone();
-                        async move { probe(&address, protocol, timeout).await }
+                        let extensions = extensions.clone();
+                        async move {
+                            match protocol {
+                                Protocol::Imap => probe(&address, protocol, timeout).await,
+                                Protocol::Smtp => extensions.probe(&address, timeout).await,
+                            }
+                        }
                     },
                     shutdown.clone(),
                 ));

@@ -11,7 +11,6 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use arc_swap::ArcSwap;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +25,7 @@ use crate::metrics::{ConnectionGuard, ListenerMetrics, Metrics};
 use crate::relay::RelayEnd;
 use crate::routing::Router;
 use crate::shutdown::{self, Phase, Shutdown};
+use crate::smtp::backend::BackendExtensions;
 use crate::tls::Tls;
 
 /// What every connection shares.
@@ -37,9 +37,9 @@ pub struct Context {
     pub tls: Option<Tls>,
     /// mailgate's name in SMTP greetings and EHLO.
     pub hostname: String,
-    /// The SMTP extensions every submission backend offers (probed), shown to clients after
-    /// mailgate's own changes.
-    pub smtp_extensions: ArcSwap<Vec<String>>,
+    /// The SMTP extensions every submission backend offers (probed at start and by each
+    /// health probe), shown to clients after mailgate's own changes.
+    pub smtp_extensions: Arc<BackendExtensions>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -136,7 +136,8 @@ impl Server {
         let readiness = Arc::new(Readiness::new(&config, &router));
         let auth = Authenticator::new(store);
         let hostname = hostname(tls.as_ref());
-        let smtp_extensions = ArcSwap::from_pointee(probe_smtp(&config, &router, &hostname).await);
+        let smtp_extensions = Arc::new(BackendExtensions::new(&hostname));
+        probe_smtp(&config, &router, &smtp_extensions).await;
         Ok(Server {
             context: Arc::new(Context {
                 config,
@@ -177,6 +178,7 @@ impl Server {
             &self.context.config,
             &self.context.router,
             &self.context.metrics,
+            &self.context.smtp_extensions,
             &inner,
         );
         if let Some(socket) = self.metrics_socket {
@@ -241,39 +243,34 @@ fn hostname(tls: Option<&Tls>) -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-/// Extensions to offer when no SMTP backend could be probed: what any submission server
-/// honours.
-const FALLBACK_SMTP_EXTENSIONS: [&str; 3] = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"];
-
-/// Asks every SMTP backend for its EHLO extensions.
-async fn probe_smtp(config: &Config, router: &Router, hostname: &str) -> Vec<String> {
+/// Asks every SMTP backend for its EHLO extensions before the first client arrives.
+async fn probe_smtp(config: &Config, router: &Router, extensions: &BackendExtensions) {
     if !config
         .listeners
         .iter()
         .any(|l| l.protocol == Protocol::Smtp)
     {
-        return Vec::new();
+        return;
     }
-    let mut probed = Vec::new();
+    let mut answered = false;
     for pool in router.pools() {
         for backend in &pool.smtp {
-            match crate::smtp::backend::probe(&backend.address, hostname, pool.connect_timeout)
+            match extensions
+                .probe(&backend.address, pool.connect_timeout)
                 .await
             {
-                Ok(extensions) => probed.push(extensions),
+                Ok(()) => answered = true,
                 Err(e) => {
                     tracing::warn!(pool = %pool.name, backend = %backend.address, error = %e, "SMTP backend probe failed")
                 }
             }
         }
     }
-    if probed.is_empty() {
+    if !answered {
         tracing::warn!(
-            "no SMTP backend answered the EHLO probe; offering a minimal extension list"
+            "no SMTP backend answered the EHLO probe; offering a minimal extension list until one does"
         );
-        return FALLBACK_SMTP_EXTENSIONS.map(String::from).to_vec();
     }
-    crate::smtp::backend::common_extensions(&probed)
 }
 
 async fn accept_loop(

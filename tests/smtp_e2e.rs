@@ -932,3 +932,52 @@ for i in range(20):
     let log = mailgate.log();
     assert!(log.contains("end=shutdown"), "{log}");
 }
+
+/// The extensions offered to clients follow the backend: a Postfix that was down when
+/// mailgate started is learned by the health probe once it answers.
+#[test]
+fn extensions_are_relearned_when_a_backend_comes_up() {
+    let later = unused_addr();
+    let imap = Dovecot::start(DovecotOpts::default().master(MASTER.0, MASTER.1));
+    let pool = Pool::master(&[imap.imap_addr()], &[later], MASTER.0, MASTER.1);
+    let mailgate = Mailgate::start(
+        &MailgateOpts::new(pool.clone(), pool)
+            .health("{ interval: 200ms, timeout: 150ms, fall: 1, rise: 1 }"),
+    );
+    let ehlo = || {
+        let script = r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+s = smtplib.SMTP_SSL("127.0.0.1", int(sys.argv[1]), context=ctx, timeout=10)
+code, text = s.ehlo("probe.example")
+print(code, text.decode().replace("\n", "|"))
+s.quit()
+"#;
+        let out = run_python_args(
+            script,
+            &[&mailgate.port("submissions").to_string()],
+            CLIENT_TIMEOUT,
+        );
+        out.assert_success().to_string()
+    };
+    let before = ehlo();
+    assert!(
+        !before.contains("SIZE"),
+        "no backend was probed yet: {before}"
+    );
+    assert!(before.contains("AUTH PLAIN LOGIN"), "{before}");
+
+    let mut opts = PostfixOpts::default().message_size_limit(1_234_567);
+    opts.port = Some(later.port());
+    let _postfix = Postfix::start(opts);
+    mailgate.wait_for_log("SMTP backend extensions", Duration::from_secs(10));
+    let after = ehlo();
+    assert!(
+        after.contains("SIZE 1234567"),
+        "the backend's SIZE was not learned: {after}"
+    );
+    assert!(
+        !after.contains("XCLIENT") && !after.contains("STARTTLS"),
+        "{after}"
+    );
+}

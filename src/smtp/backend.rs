@@ -4,6 +4,7 @@
 //! the client's own credentials.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -325,6 +326,56 @@ mod tests {
         assert!(xclient_command(v6, "u", "h").starts_with("XCLIENT ADDR=IPV6:2001:db8::1 PORT=25 "));
         let mapped: SocketAddr = "[::ffff:192.0.2.1]:25".parse().expect("addr");
         assert!(xclient_command(mapped, "u", "h").starts_with("XCLIENT ADDR=192.0.2.1 "));
+    }
+}
+
+/// Extensions to offer when no SMTP backend has answered an EHLO probe yet: what any
+/// submission server honours.
+const FALLBACK_EXTENSIONS: [&str; 3] = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"];
+
+/// The EHLO extensions of every SMTP backend, as last probed (at start, then on each health
+/// probe), and what mailgate offers clients from them: the extensions all backends share.
+/// A backend that stops answering keeps its last list, so its limits still count.
+#[derive(Debug)]
+pub struct BackendExtensions {
+    hostname: String,
+    by_backend: std::sync::Mutex<std::collections::BTreeMap<String, Vec<String>>>,
+    offered: arc_swap::ArcSwap<Vec<String>>,
+}
+
+impl BackendExtensions {
+    pub fn new(hostname: &str) -> BackendExtensions {
+        BackendExtensions {
+            hostname: hostname.to_string(),
+            by_backend: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            offered: arc_swap::ArcSwap::from_pointee(
+                FALLBACK_EXTENSIONS.map(String::from).to_vec(),
+            ),
+        }
+    }
+
+    /// What clients are offered now (before mailgate's own AUTH/STARTTLS changes).
+    pub fn offered(&self) -> Arc<Vec<String>> {
+        self.offered.load_full()
+    }
+
+    /// EHLO-probes `address` and, when it answers, records its list and recomputes the offer.
+    /// Doubles as the backend's health probe.
+    ///
+    /// # Errors
+    /// Why the probe failed, for the health log.
+    pub async fn probe(&self, address: &str, timeout: Duration) -> Result<(), String> {
+        let extensions = probe(address, &self.hostname, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut by_backend = self.by_backend.lock().unwrap_or_else(|p| p.into_inner());
+        if by_backend.get(address) != Some(&extensions) {
+            tracing::info!(backend = address, extensions = %extensions.join(", "), "SMTP backend extensions");
+            by_backend.insert(address.to_string(), extensions);
+            let lists: Vec<Vec<String>> = by_backend.values().cloned().collect();
+            self.offered.store(Arc::new(common_extensions(&lists)));
+        }
+        Ok(())
     }
 }
 

@@ -107,7 +107,7 @@ where
         hostname: context.hostname.clone(),
         tls_active,
         starttls_offered,
-        backend_extensions: context.smtp_extensions.load().as_ref().clone(),
+        backend_extensions: context.smtp_extensions.offered().as_ref().clone(),
     });
     let mut buf = vec![0u8; 4096];
     if greet {
