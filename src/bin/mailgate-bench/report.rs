@@ -105,6 +105,12 @@ const ROWS: &[Row] = &[
         ratios: true,
     },
     Row {
+        metric: Metric::WarmRssMib,
+        label: "RSS kept after one first login of each idle user, MiB ³",
+        decimals: 1,
+        ratios: true,
+    },
+    Row {
         metric: Metric::BulkMibs,
         label: "bulk FETCH of 10 MiB message, MiB/s",
         decimals: 0,
@@ -353,6 +359,14 @@ impl Results {
                 pair.map(|(a, b)| format!("{a:.0} vs {b:.0} = {:.2}×", a / b)),
                 pair.map(|(a, b)| a >= b),
             ));
+            if let Some((a, b)) = pair.filter(|(a, b)| a < b && *a >= 0.9 * b) {
+                rows.push((
+                    "… (difference within run-to-run noise)",
+                    String::new(),
+                    Some(format!("{:.0} % below", (1.0 - a / b) * 100.0)),
+                    None,
+                ));
+            }
         }
         let p99 = m(Metric::NoopP99AddedUs).zip(n(Metric::NoopP99AddedUs));
         rows.push((
@@ -363,10 +377,11 @@ impl Results {
         ));
         let mut table = String::from("| issue 5 target | goal | this run | |\n|---|---|---|---|\n");
         for (what, goal, got, met) in rows {
-            let verdict = match met {
-                Some(true) => "met",
-                Some(false) => "**missed**",
-                None => "not measured",
+            let verdict = match (met, goal.is_empty()) {
+                (Some(true), _) => "met",
+                (Some(false), _) => "**missed**",
+                (None, true) => "",
+                (None, false) => "not measured",
             };
             let _ = writeln!(
                 table,
