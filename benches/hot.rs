@@ -1,0 +1,174 @@
+//! `cargo bench --bench hot`: the pure functions on every login's path, a figure per call.
+//!
+//! - `preauth`: [`PreAuth::input`] from a fresh session to the login event, for the ways
+//!   clients log in (LOGIN, AUTHENTICATE PLAIN with SASL-IR, ID then LOGIN, a literal).
+//! - `decide`: [`policy::decide`] for the rows of the decision table.
+//! - `order`: [`Pool::order`], the rendezvous ranking of a pool's backends for one user.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use mailgate::accounts::{
+    hash_password, Access, Account, DeleteMode, Organisation, PasswordHash, Switch,
+};
+use mailgate::config::{BackendTls, Protocol, SmtpLogin};
+use mailgate::imap::session::{Event, PreAuth, SessionConfig};
+use mailgate::policy::{self, Credential, Decision};
+use mailgate::routing::{Backend, ImapLogin, Pool};
+
+fn main() {
+    divan::main();
+}
+
+mod preauth {
+    use super::*;
+
+    const TLS: SessionConfig = SessionConfig {
+        tls_active: true,
+        starttls_offered: false,
+    };
+
+    /// Feeds `chunks` to a fresh session; returns whether the last step was the login event.
+    fn run(chunks: &[&[u8]]) -> bool {
+        let mut session = PreAuth::new(TLS);
+        let mut login = false;
+        for chunk in chunks {
+            let step = session.input(black_box(chunk));
+            login = matches!(step.event, Some(Event::Login(_)));
+        }
+        login
+    }
+
+    #[divan::bench]
+    fn login_command() -> bool {
+        run(&[b"a1 LOGIN user1234@skydesk.jp \"pass-1234\"\r\n"])
+    }
+
+    #[divan::bench]
+    fn authenticate_plain_sasl_ir() -> bool {
+        // base64("\0user1234@skydesk.jp\0pass-1234")
+        run(&[b"a1 AUTHENTICATE PLAIN AHVzZXIxMjM0QHNreWRlc2suanAAcGFzcy0xMjM0\r\n"])
+    }
+
+    #[divan::bench]
+    fn capability_id_login() -> bool {
+        run(&[
+            b"a1 CAPABILITY\r\n",
+            b"a2 ID (\"name\" \"Thunderbird\" \"version\" \"128.5.0\")\r\n",
+            b"a3 LOGIN user1234@skydesk.jp \"pass-1234\"\r\n",
+        ])
+    }
+
+    #[divan::bench]
+    fn login_with_literal_plus() -> bool {
+        run(&[b"a1 LOGIN {19+}\r\nuser1234@skydesk.jp {9+}\r\npass-1234\r\n"])
+    }
+
+    /// The login line arriving one byte per read (the worst case for the framer).
+    #[divan::bench]
+    fn login_byte_by_byte() -> bool {
+        let line = b"a1 LOGIN user1234@skydesk.jp \"pass-1234\"\r\n";
+        let chunks: Vec<&[u8]> = line.chunks(1).collect();
+        run(&chunks)
+    }
+}
+
+mod decide {
+    use super::*;
+
+    fn account(two_step: bool, imap: Switch) -> Account {
+        Account {
+            address: "user1234@skydesk.jp".to_owned(),
+            password: hash_password(b"pass-1234").parse::<PasswordHash>().ok(),
+            imap,
+            smtp: Switch::Enabled,
+            two_step,
+            federated: None,
+            app_passwords: Vec::new(),
+            imap_folders: None,
+            imap_delete: DeleteMode::MarkOnly,
+        }
+    }
+
+    #[divan::bench]
+    fn allow(bencher: divan::Bencher) {
+        let account = account(false, Switch::Enabled);
+        bencher.bench(|| {
+            let decision = policy::decide(
+                black_box(Some(&account)),
+                black_box(None),
+                black_box(Credential::MainPassword),
+                black_box(Protocol::Imap),
+            );
+            debug_assert_eq!(decision, Decision::Allow);
+            decision
+        });
+    }
+
+    #[divan::bench]
+    fn two_step_main_password(bencher: divan::Bencher) {
+        let account = account(true, Switch::Enabled);
+        bencher.bench(|| {
+            policy::decide(
+                black_box(Some(&account)),
+                black_box(None),
+                black_box(Credential::MainPassword),
+                black_box(Protocol::Imap),
+            )
+        });
+    }
+
+    #[divan::bench]
+    fn organisation_denies(bencher: divan::Bencher) {
+        let account = account(false, Switch::Enabled);
+        let organisation = Organisation {
+            imap: Access::Denied,
+            smtp: Access::Allowed,
+        };
+        bencher.bench(|| {
+            policy::decide(
+                black_box(Some(&account)),
+                black_box(Some(&organisation)),
+                black_box(Credential::AppPassword),
+                black_box(Protocol::Imap),
+            )
+        });
+    }
+
+    #[divan::bench]
+    fn unknown_user() -> Decision {
+        policy::decide(
+            black_box(None),
+            black_box(None),
+            black_box(Credential::Invalid),
+            black_box(Protocol::Imap),
+        )
+    }
+}
+
+mod order {
+    use super::*;
+
+    fn pool(backends: usize) -> Pool {
+        Pool {
+            name: "imap".to_owned(),
+            imap: (0..backends)
+                .map(|i| Backend::new(format!("10.0.{}.{}:143", i / 250, i % 250 + 1)))
+                .collect(),
+            smtp: Vec::new(),
+            backend_tls: BackendTls::None,
+            imap_login: ImapLogin::Passthrough,
+            smtp_login: SmtpLogin::Xclient,
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    #[divan::bench(args = [1, 3, 10, 50])]
+    fn backends(bencher: divan::Bencher, n: usize) {
+        let pool = pool(n);
+        bencher.bench(|| {
+            pool.order(black_box(Protocol::Imap), black_box("user1234@skydesk.jp"))
+                .len()
+        });
+    }
+}

@@ -1,0 +1,68 @@
+//! `mailgate-bench`: the load generator and orchestrator behind `scripts/bench` (README,
+//! "Benchmarks"), and the auth_http responder nginx's mail proxy asks.
+//!
+//! `mailgate-bench run` starts a seeded Dovecot backend and, in front of it, mailgate, nginx's
+//! mail proxy and (as the floor) Dovecot's own implicit-TLS listener, all with one certificate;
+//! measures logins/s and CPU per login, idle memory per session, bulk FETCH throughput and NOOP
+//! latency against each, interleaved round-robin over several repetitions; and prints a table
+//! of medians and ratios (also written to `--out`). Every phase is bounded; everything started
+//! is stopped on exit, error, Ctrl-C or SIGTERM.
+
+mod authhttp;
+mod daemons;
+mod imap;
+mod load;
+mod procfs;
+mod report;
+mod run;
+mod setup;
+mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mailgate-bench",
+    about = "mailgate vs nginx mail proxy vs direct Dovecot"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the targets and measure them (what scripts/bench runs).
+    Run(Box<run::Args>),
+    /// The auth_http service for nginx's mail proxy: every login OK, to `--backend`.
+    AuthHttp {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        backend: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::main(*args),
+        Command::AuthHttp { listen, backend } => authhttp::run(listen, backend),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailgate-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `target/bench-cache` under the current directory (the repository root in scripts/bench).
+fn default_cache() -> PathBuf {
+    PathBuf::from("target/bench-cache")
+}

@@ -1,0 +1,149 @@
+//! The client side of TLS: one rustls client config per target (so session tickets of one
+//! target are never offered to another), restricted to one protocol version and cipher suite so
+//! every target negotiates the same, and a verifier that checks the handshake signature (real
+//! work, as in a mail client) but not the chain of the bench's self-signed certificate.
+
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context as _, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
+use rustls::crypto::{ring, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, HandshakeKind, SignatureScheme,
+};
+use tokio_rustls::TlsConnector;
+
+/// What the client offers: one version, one suite.
+#[derive(Debug, Clone)]
+pub struct TlsChoice {
+    pub suite: rustls::SupportedCipherSuite,
+    pub resumption: bool,
+}
+
+impl TlsChoice {
+    /// `name` is a rustls suite name such as `TLS13_AES_256_GCM_SHA384` or
+    /// `TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384`.
+    pub fn new(name: &str, resumption: bool) -> Result<TlsChoice> {
+        let suite = ring::ALL_CIPHER_SUITES
+            .iter()
+            .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name))
+            .copied()
+            .ok_or_else(|| {
+                let names: Vec<String> = ring::ALL_CIPHER_SUITES
+                    .iter()
+                    .map(|s| format!("{:?}", s.suite()))
+                    .collect();
+                anyhow!("unknown cipher suite {name}; one of {}", names.join(", "))
+            })?;
+        Ok(TlsChoice { suite, resumption })
+    }
+
+    /// A fresh connector (own session store) for one target.
+    pub fn connector(&self) -> Result<TlsConnector> {
+        let provider = Arc::new(CryptoProvider {
+            cipher_suites: vec![self.suite],
+            ..ring::default_provider()
+        });
+        let version = self.suite.version();
+        let mut config = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .context("client TLS config")?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider)))
+            .with_no_client_auth();
+        if !self.resumption {
+            config.resumption = Resumption::disabled();
+        }
+        Ok(TlsConnector::from(Arc::new(config)))
+    }
+}
+
+/// The name every target's certificate carries and the client sends as SNI.
+pub fn server_name() -> Result<ServerName<'static>> {
+    ServerName::try_from("imap.skydesk.jp").context("server name")
+}
+
+/// What one handshake negotiated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub version: String,
+    pub suite: String,
+    pub group: String,
+    pub resumed: bool,
+}
+
+impl Negotiated {
+    pub fn of(conn: &ClientConnection) -> Negotiated {
+        let none = || "?".to_owned();
+        Negotiated {
+            version: conn
+                .protocol_version()
+                .map_or_else(none, |v| format!("{v:?}")),
+            suite: conn
+                .negotiated_cipher_suite()
+                .map_or_else(none, |s| format!("{:?}", s.suite())),
+            group: conn
+                .negotiated_key_exchange_group()
+                .map_or_else(none, |g| format!("{:?}", g.name())),
+            resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
+        }
+    }
+}
+
+impl fmt::Display for Negotiated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.version, self.suite, self.group)
+    }
+}
+
+/// Accepts the bench certificate without a chain check, verifies handshake signatures.
+#[derive(Debug)]
+struct SignatureOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for SignatureOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
