@@ -17,6 +17,7 @@ use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use base64::Engine;
 use serde::Deserialize;
 use sha_crypt::ShaCrypt;
+use zeroize::Zeroize;
 
 /// A stored password hash, validated at load so that a login never meets a malformed one.
 ///
@@ -66,15 +67,64 @@ impl PasswordHash {
         match &self.0 {
             // `Argon2::default()` only supplies the hasher: algorithm, version and params are
             // taken from the stored hash.
-            Scheme::Argon2(h) => Argon2::default()
-                .verify_password(password, h.as_ref())
-                .is_ok(),
+            Scheme::Argon2(h) => verify_argon2(h, password),
             // `verify` (not `non_truncating_verify`): bcrypt stores only ever saw the first 72
             // bytes of a password, and must keep accepting what they accepted before.
             Scheme::Bcrypt(h) => bcrypt::verify(password, h).unwrap_or(false),
             Scheme::Sha512Crypt(h) => ShaCrypt::default().verify_password(password, h).is_ok(),
         }
     }
+}
+
+/// Argon2 working memory (about 19 MiB per hash at the default parameters), reused across
+/// verifications. Allocating it per login made the allocator keep a copy per thread arena: a
+/// few hundred MiB after a burst of first logins. Concurrent hashing is already bounded (the
+/// authenticator's semaphore), so the pool holds at most that many areas.
+static ARGON2_MEMORY: std::sync::Mutex<Vec<Vec<argon2::Block>>> = std::sync::Mutex::new(Vec::new());
+/// Areas kept for reuse; one more than the hashing concurrency of a large machine.
+const ARGON2_MEMORY_KEPT: usize = 16;
+
+/// Recomputes the stored hash's output for `password` (algorithm, version, parameters and salt
+/// from the PHC string) in pooled memory, and compares in constant time.
+fn verify_argon2(hash: &argon2::PasswordHash, password: &[u8]) -> bool {
+    let (Some(salt), Some(expected)) = (&hash.salt, &hash.hash) else {
+        return false;
+    };
+    let Ok(algorithm) = argon2::Algorithm::try_from(hash.algorithm.as_str()) else {
+        return false;
+    };
+    let version = match hash.version {
+        Some(v) => match argon2::Version::try_from(v) {
+            Ok(v) => v,
+            Err(_) => return false,
+        },
+        None => argon2::Version::default(),
+    };
+    // Takes the output length from the stored hash too.
+    let Ok(params) = argon2::Params::try_from(hash) else {
+        return false;
+    };
+    let blocks_needed = params.block_count();
+    let hasher = Argon2::new(algorithm, version, params);
+    let mut memory = ARGON2_MEMORY
+        .lock()
+        .map(|mut pool| pool.pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    memory.resize(blocks_needed, argon2::Block::default());
+    let mut out = vec![0u8; expected.len()];
+    let computed =
+        hasher.hash_password_into_with_memory(password, salt.as_ref(), &mut out, &mut memory[..]);
+    if let Ok(mut pool) = ARGON2_MEMORY.lock() {
+        if pool.len() < ARGON2_MEMORY_KEPT {
+            pool.push(memory);
+        }
+    }
+    let matches = computed.is_ok()
+        && argon2::password_hash::phc::Output::new(&out).is_ok_and(|o| o == *expected);
+    out.zeroize();
+    matches
 }
 
 impl fmt::Debug for PasswordHash {
