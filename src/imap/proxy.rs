@@ -250,6 +250,7 @@ async fn log_in(
         user: &grant.route.address,
         password: credentials.password.as_bytes(),
         login: &pool.imap_login,
+        transport: &pool.transport,
         id: &id,
         connect_timeout: pool.connect_timeout,
         login_timeout: BACKEND_LOGIN_TIMEOUT,

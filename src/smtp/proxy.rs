@@ -252,6 +252,7 @@ async fn log_in(
         user: &grant.route.address,
         password: credentials.password.expose().as_bytes(),
         mode: pool.smtp_login,
+        transport: &pool.transport,
         master,
         client: conn.peer,
         client_helo: helo,
