@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 pub use crate::backend::BackendError;
 use crate::backend::{BackendStream, Transport};
@@ -275,9 +275,9 @@ impl Conn {
         tag
     }
 
+    /// Writes and flushes (a TLS stream may hold records until flushed).
     async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
-        self.stream
-            .write_all(bytes)
+        crate::server::write(&mut self.stream, bytes)
             .await
             .map_err(|e| BackendError::Failed(format!("write: {e}")))
     }
@@ -502,6 +502,8 @@ fn id_list(fields: &[(String, String)]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt;
+
     use super::login as login_to;
     use super::*;
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 pub use crate::backend::BackendError;
 use crate::backend::{BackendStream, Transport};
@@ -274,9 +274,9 @@ impl Conn {
         Ok(reply.lines.into_iter().skip(1).collect())
     }
 
+    /// Writes and flushes (a TLS stream may hold records until flushed).
     async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
-        self.stream
-            .write_all(bytes)
+        crate::server::write(&mut self.stream, bytes)
             .await
             .map_err(|e| BackendError::Failed(format!("write: {e}")))
     }
