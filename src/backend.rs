@@ -1,12 +1,26 @@
-//! What both protocols' backend logins share: the connect step and the error that says
-//! whether the next backend in the user's order may serve.
+//! What both protocols' backend logins share: the connect step, the TLS to the backend, and
+//! the error that says whether the next backend in the user's order may serve.
+//!
+//! A pool reaches its backends in plaintext, with STARTTLS, or with implicit TLS
+//! ([`Transport`]). TLS to a backend always verifies its certificate against the host part of
+//! the backend's address (DNS name or IP address), with the pool's `backend_ca` bundle or the
+//! system's trust store; there is no way to turn verification off.
 
 use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
-use crate::config::Protocol;
+use crate::config::{BackendTls, HostPort, Protocol};
 use crate::metrics::Metrics;
 use crate::routing::Pool;
 
@@ -36,13 +50,245 @@ impl BackendError {
 ///
 /// # Errors
 /// `Unreachable` on refusal, DNS failure or timeout.
-pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
+async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
         .await
         .map_err(|_| BackendError::Unreachable(format!("{address}: connect timed out")))?
         .map_err(|e| BackendError::Unreachable(format!("{address}: {e}")))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// How a pool reaches its backends. The TLS variants carry the pool's connector: its client
+/// config (roots, session cache for resumption) is built once, when the pool is.
+#[derive(Clone)]
+pub enum Transport {
+    Plain,
+    /// Plaintext greeting, then the protocol's STARTTLS and a handshake before anything else.
+    Starttls(TlsConnector),
+    /// A handshake before the greeting.
+    Implicit(TlsConnector),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Plain => "Plain",
+            Transport::Starttls(_) => "Starttls",
+            Transport::Implicit(_) => "Implicit",
+        })
+    }
+}
+
+/// Why a pool's TLS client cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("backend_ca: {0}")]
+    Ca(String),
+    #[error(
+        "no usable certificate in the system's trust store{}; set backend_ca",
+        .0.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+    )]
+    NoSystemRoots(Option<String>),
+    #[error("TLS client config: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+impl Transport {
+    /// The transport for a pool's `backend_tls`, trusting the certificates of `ca` (a PEM
+    /// bundle), or the system's trust store when `ca` is `None`.
+    ///
+    /// # Errors
+    /// The bundle cannot be loaded, or there are no system roots to trust.
+    pub fn new(mode: BackendTls, ca: Option<&Path>) -> Result<Transport, TransportError> {
+        if mode == BackendTls::None {
+            return Ok(Transport::Plain);
+        }
+        let roots = match ca {
+            Some(path) => crate::config::load_ca_bundle(path).map_err(TransportError::Ca)?,
+            None => system_roots()?,
+        };
+        Ok(Transport::with_roots(mode, roots)?)
+    }
+
+    /// The transport for `mode`, trusting exactly `roots`.
+    ///
+    /// # Errors
+    /// rustls refuses the config (it does not with its own defaults).
+    pub fn with_roots(mode: BackendTls, roots: RootCertStore) -> Result<Transport, rustls::Error> {
+        let connector = || -> Result<TlsConnector, rustls::Error> {
+            Ok(TlsConnector::from(Arc::new(client_config(roots)?)))
+        };
+        Ok(match mode {
+            BackendTls::None => Transport::Plain,
+            BackendTls::Starttls => Transport::Starttls(connector()?),
+            BackendTls::Implicit => Transport::Implicit(connector()?),
+        })
+    }
+
+    /// The `backend_tls` mode this transport implements.
+    pub fn mode(&self) -> BackendTls {
+        match self {
+            Transport::Plain => BackendTls::None,
+            Transport::Starttls(_) => BackendTls::Starttls,
+            Transport::Implicit(_) => BackendTls::Implicit,
+        }
+    }
+
+    /// Connects to `address`; with implicit TLS, also completes the handshake. Each step has
+    /// `timeout`.
+    ///
+    /// # Errors
+    /// `Unreachable` when the connection or the handshake fails (a certificate the pool does
+    /// not trust included): another backend may serve.
+    pub async fn connect(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<BackendStream, BackendError> {
+        let tcp = connect_tcp(address, timeout).await?;
+        match self {
+            Transport::Implicit(connector) => handshake(connector, tcp, address, timeout).await,
+            Transport::Plain | Transport::Starttls(_) => Ok(BackendStream::Plain(tcp)),
+        }
+    }
+
+    /// The TLS handshake after the backend accepted STARTTLS. The caller has already dropped
+    /// every byte the backend sent in plaintext: only the TCP stream comes in.
+    ///
+    /// # Errors
+    /// `Failed` when this transport is not STARTTLS (a programming error, not the backend's);
+    /// `Unreachable` when the handshake fails.
+    pub async fn starttls(
+        &self,
+        tcp: TcpStream,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<BackendStream, BackendError> {
+        match self {
+            Transport::Starttls(connector) => handshake(connector, tcp, address, timeout).await,
+            other => Err(BackendError::Failed(format!(
+                "STARTTLS with a {other:?} transport"
+            ))),
+        }
+    }
+}
+
+/// The system's trust store (`/etc/ssl/certs` and the like, via rustls-native-certs): where
+/// operators install the CA of their internal backends. A certificate the store holds but
+/// rustls cannot use is skipped.
+fn system_roots() -> Result<RootCertStore, TransportError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (_added, _skipped) = roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        return Err(TransportError::NoSystemRoots(
+            found.errors.first().map(ToString::to_string),
+        ));
+    }
+    Ok(roots)
+}
+
+/// A client config that verifies the backend's certificate chain and name (webpki), with the
+/// ring provider the server side uses too.
+fn client_config(roots: RootCertStore) -> Result<ClientConfig, rustls::Error> {
+    Ok(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// The name the backend's certificate must carry: the host part of `address`.
+fn server_name(address: &str) -> Result<ServerName<'static>, BackendError> {
+    let host = address
+        .parse::<HostPort>()
+        .map_err(|e| BackendError::Failed(format!("backend address {e}")))?
+        .host;
+    ServerName::try_from(host)
+        .map_err(|e| BackendError::Failed(format!("{address}: no name to verify: {e}")))
+}
+
+async fn handshake(
+    connector: &TlsConnector,
+    tcp: TcpStream,
+    address: &str,
+    timeout: Duration,
+) -> Result<BackendStream, BackendError> {
+    let name = server_name(address)?;
+    match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => Ok(BackendStream::Tls(Box::new(tls))),
+        Ok(Err(e)) => Err(BackendError::Unreachable(format!(
+            "{address}: TLS handshake failed: {e}"
+        ))),
+        Err(_) => Err(BackendError::Unreachable(format!(
+            "{address}: TLS handshake timed out"
+        ))),
+    }
+}
+
+/// The backend side of a connection: plain TCP, or TLS (boxed: a rustls connection is more
+/// than a kilobyte, and the login and the splice do not care which it is).
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl std::fmt::Debug for BackendStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, tcp) = match self {
+            BackendStream::Plain(s) => ("Plain", s),
+            BackendStream::Tls(s) => ("Tls", s.get_ref().0),
+        };
+        f.debug_tuple(kind).field(&tcp.peer_addr().ok()).finish()
+    }
+}
+
+impl BackendStream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, BackendStream::Tls(_))
+    }
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Tries `login` on each backend of `pool` in the user's rendezvous order (healthy backends
@@ -88,4 +334,151 @@ where
         protocol.as_str(),
         pool.name
     )))
+}
+
+/// A test CA and leaf certificates it signs, and the server side of a TLS handshake with them:
+/// for scripted backends in the unit tests of the backend logins.
+#[cfg(test)]
+pub(crate) mod test_pki {
+    use std::sync::Arc;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    };
+    use rustls::RootCertStore;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio_rustls::TlsAcceptor;
+
+    /// One line (with its CRLF) read byte by byte from a plaintext stream, so nothing
+    /// past it is consumed before a handshake.
+    pub async fn read_line(tcp: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut line = Vec::new();
+        while !line.ends_with(b"\r\n") {
+            match tcp.read_u8().await {
+                Ok(b) => line.push(b),
+                Err(_) => break,
+            }
+        }
+        String::from_utf8_lossy(&line).into_owned()
+    }
+
+    pub struct Pki {
+        ca: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl Pki {
+        /// A CA whose subject is `name`.
+        pub fn new(name: &str) -> Pki {
+            let key = KeyPair::generate().expect("CA key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name = DistinguishedName::new();
+            params.distinguished_name.push(DnType::CommonName, name);
+            let ca = params.self_signed(&key).expect("CA cert").der().clone();
+            Pki {
+                ca,
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        /// Roots that trust exactly this CA.
+        pub fn roots(&self) -> RootCertStore {
+            let mut roots = RootCertStore::empty();
+            roots.add(self.ca.clone()).expect("CA as root");
+            roots
+        }
+
+        /// A TLS server with a leaf for `names` (IP addresses become IP SANs).
+        pub fn acceptor(&self, names: &[&str]) -> TlsAcceptor {
+            let key = KeyPair::generate().expect("leaf key");
+            let params =
+                CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                    .expect("leaf params");
+            let leaf = params.signed_by(&key, &self.issuer).expect("leaf cert");
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .expect("server config");
+            TlsAcceptor::from(Arc::new(config))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::test_pki::Pki;
+    use super::*;
+
+    /// A TLS server that answers one connection with `hello` over TLS; its address.
+    async fn tls_server(acceptor: tokio_rustls::TlsAcceptor) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            if let Ok((tcp, _)) = listener.accept().await {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tls.write_all(b"hello").await;
+                    let _ = tls.flush().await;
+                    let mut sink = [0u8; 16];
+                    let _ = tls.read(&mut sink).await;
+                }
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_verifies_the_chain_and_the_address_name() {
+        let pki = Pki::new("mailgate test CA");
+        let t = Duration::from_secs(5);
+        let trusted = Transport::with_roots(BackendTls::Implicit, pki.roots()).expect("transport");
+
+        // Signed by the pool's CA, for the address's IP: the bytes come through TLS.
+        let address = tls_server(pki.acceptor(&["127.0.0.1", "localhost"])).await;
+        let mut stream = trusted.connect(&address, t).await.expect("handshake");
+        assert!(stream.is_tls());
+        let mut hello = [0u8; 5];
+        stream.read_exact(&mut hello).await.expect("read");
+        assert_eq!(&hello, b"hello");
+
+        // By DNS name too.
+        let address = tls_server(pki.acceptor(&["localhost"])).await;
+        let port = address.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
+        let by_name = trusted.connect(&format!("localhost:{port}"), t).await;
+        assert!(by_name.is_ok(), "{by_name:?}");
+
+        // Another CA's certificate: refused, and the error says why.
+        let stranger = Pki::new("someone else's CA");
+        let address = tls_server(stranger.acceptor(&["127.0.0.1"])).await;
+        let refused = trusted.connect(&address, t).await;
+        assert!(
+            matches!(&refused, Err(BackendError::Unreachable(e)) if e.contains("invalid peer certificate") && e.contains("UnknownIssuer")),
+            "{refused:?}"
+        );
+
+        // The right CA, but a certificate for another name than the address's host.
+        let address = tls_server(pki.acceptor(&["backend.example.com"])).await;
+        let refused = trusted.connect(&address, t).await;
+        assert!(
+            matches!(&refused, Err(BackendError::Unreachable(e)) if e.contains("invalid peer certificate: certificate not valid for name \"127.0.0.1\"")),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_plain_transport_needs_no_roots() {
+        let plain = Transport::new(BackendTls::None, None).expect("plain");
+        assert_eq!(plain.mode(), BackendTls::None);
+        let missing = Transport::new(BackendTls::Starttls, Some(Path::new("/nonexistent/ca.pem")));
+        assert!(matches!(missing, Err(TransportError::Ca(_))), "{missing:?}");
+    }
 }

@@ -440,6 +440,10 @@ pub struct PoolConfig {
     pub smtp: Vec<String>,
     #[serde(default)]
     pub backend_tls: BackendTls,
+    /// PEM bundle of the CA certificates that sign the backends' certificates (`backend_tls`
+    /// starttls or implicit). Absent: the system's trust store.
+    #[serde(default)]
+    pub backend_ca: Option<PathBuf>,
     pub login: LoginConfig,
     #[serde(default)]
     pub smtp_login: SmtpLogin,
@@ -1123,6 +1127,7 @@ fn check_pools(config: &Config, p: &mut Problems<'_>) {
             }
         }
         check_login(name, pool, p);
+        check_backend_tls(name, pool, p);
         let h = &pool.health;
         if h.fall < 1 {
             p.push(key("health.fall"), "must be at least 1".into());
@@ -1190,6 +1195,75 @@ fn check_login(name: &str, pool: &PoolConfig, p: &mut Problems<'_>) {
             }
         }
     }
+}
+
+/// A TLS pool's backends must be names a certificate can be verified against, and its CA
+/// bundle must load; a CA bundle without TLS is a mistake, not a no-op.
+fn check_backend_tls(name: &str, pool: &PoolConfig, p: &mut Problems<'_>) {
+    let key = |field: &str| format!("pools.{name}.{field}");
+    if pool.backend_tls == BackendTls::None {
+        if pool.backend_ca.is_some() {
+            p.push(
+                key("backend_ca"),
+                "has no effect with backend_tls: none; set backend_tls: starttls or implicit, \
+                 or remove backend_ca"
+                    .into(),
+            );
+        }
+        return;
+    }
+    for (proto, backends) in [(Protocol::Imap, &pool.imap), (Protocol::Smtp, &pool.smtp)] {
+        for (i, backend) in backends.iter().enumerate() {
+            let Ok(host_port) = backend.parse::<HostPort>() else {
+                continue; // reported by check_pools
+            };
+            if rustls_pki_types::ServerName::try_from(host_port.host.as_str()).is_err() {
+                p.push(
+                    format!("pools.{name}.{}[{i}]", proto.as_str()),
+                    format!(
+                        "`{}` is not a name a backend certificate can be verified against",
+                        host_port.host
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(path) = &pool.backend_ca {
+        match FileState::of(path) {
+            FileState::Present => {
+                if let Err(e) = load_ca_bundle(path) {
+                    p.push(key("backend_ca"), e);
+                }
+            }
+            state => state.report(key("backend_ca"), path, "", p),
+        }
+    }
+}
+
+/// The CA certificates of a PEM bundle (`pools.<name>.backend_ca`) as a root store: the
+/// certificates a backend's chain must lead to.
+///
+/// # Errors
+/// The file cannot be read, holds no CERTIFICATE block, or a certificate cannot be a trust
+/// anchor; the message names the file.
+pub fn load_ca_bundle(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem_problem(path, "a PEM CA bundle", &e))?;
+    if certs.is_empty() {
+        return Err(format!("`{}` holds no CERTIFICATE block", path.display()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| {
+            format!(
+                "`{}`: certificate {} cannot be a trust anchor: {e}",
+                path.display(),
+                i + 1
+            )
+        })?;
+    }
+    Ok(roots)
 }
 
 fn check_limits(l: &Limits, p: &mut Problems<'_>) {
@@ -2106,6 +2180,54 @@ metrics: { address: \"127.0.0.1:9993\" }\n",
         assert_eq!(
             did_you_mean("zzz", "unknown field `zzz`, expected `name`"),
             None
+        );
+    }
+
+    #[test]
+    fn backend_ca_must_load_and_needs_backend_tls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("self-signed");
+        fs::write(&ca, cert.pem()).expect("write");
+        let garbage = dir.path().join("garbage.pem");
+        fs::write(&garbage, "not a certificate\n").expect("write");
+        let missing = dir.path().join("missing.pem");
+        let pool = |tls: &str, ca: &Path| {
+            plain("").replace(
+                "    login: { mode: passthrough }\n",
+                &format!(
+                    "    login: {{ mode: passthrough }}\n    backend_tls: {tls}\n    backend_ca: \"{}\"\n",
+                    ca.display()
+                ),
+            )
+        };
+
+        let config = Config::from_yaml(&pool("starttls", &ca), Path::new("t.yaml"))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(config.pools["p"].backend_ca.as_deref(), Some(ca.as_path()));
+        assert_eq!(load_ca_bundle(&ca).map(|r| r.len()), Ok(1));
+
+        let errors = errors_of(&pool("implicit", &garbage));
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("t.yaml:15: pools.p.backend_ca: `")
+                && errors[0].contains("garbage.pem` holds no CERTIFICATE block"),
+            "{errors:#?}"
+        );
+        let errors = errors_of(&pool("implicit", &missing));
+        assert!(
+            errors.len() == 1 && errors[0].ends_with("missing.pem` does not exist"),
+            "{errors:#?}"
+        );
+        assert_eq!(
+            errors_of(&pool("none", &ca)),
+            [
+                "t.yaml:15: pools.p.backend_ca: has no effect with backend_tls: none; set \
+              backend_tls: starttls or implicit, or remove backend_ca"
+            ]
         );
     }
 }

@@ -1,8 +1,8 @@
 //! Backend health: a background probe per backend, the up/down state routing reads, and the
 //! readiness answer behind `/readyz`.
 //!
-//! Every `health.interval` each backend is connected to (within `health.timeout`) and its
-//! greeting read (`* OK` for IMAP, `220` for SMTP). `fall` failures in a row mark it down,
+//! Every `health.interval` each backend is connected to (within `health.timeout`) as a login
+//! would, TLS included, and its greeting read (`* OK` for IMAP, `220` and an EHLO for SMTP). `fall` failures in a row mark it down,
 //! `rise` successes in a row mark it up again; a login whose connect fails counts as a failure
 //! too, so a dead backend is noticed by the first user who hits it. Backends start up, so
 //! logins work before the first probe has answered.
@@ -13,17 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::IntGauge;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::MissedTickBehavior;
 
+use crate::backend::Transport;
 use crate::config::{Config, HealthConfig, Protocol};
 use crate::metrics::Metrics;
 use crate::routing::{Pool, Router};
 use crate::shutdown::{Phase, Shutdown};
 use crate::smtp::backend::BackendExtensions;
-
-/// The longest greeting line read from a probed backend.
-const MAX_GREETING: usize = 512;
 
 /// How many results in a row flip a backend's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,42 +127,27 @@ impl Default for BackendHealth {
     }
 }
 
-/// Connects to `address` and reads its greeting, all within `timeout`: `* OK` for IMAP,
-/// `220` for SMTP. Says goodbye politely (best effort) so the backend logs no error.
+/// Connects to `address` the way a login does (TLS included, per the pool's `transport`) and
+/// reads its greeting, all within `timeout`: `* OK` for IMAP (after STARTTLS when the pool
+/// uses it), an EHLO answer for SMTP. Says goodbye politely (best effort) so the backend logs
+/// no error.
 ///
 /// # Errors
-/// What went wrong, for the log: refused, timed out, closed, or the wrong greeting.
-pub async fn probe(address: &str, protocol: Protocol, timeout: Duration) -> Result<(), String> {
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(address)
+/// What went wrong, for the log: refused, timed out, closed, a certificate not trusted, or
+/// the wrong greeting.
+pub async fn probe(
+    address: &str,
+    protocol: Protocol,
+    transport: &Transport,
+    timeout: Duration,
+) -> Result<(), String> {
+    let result = match protocol {
+        Protocol::Imap => crate::imap::backend::probe(address, transport, timeout).await,
+        Protocol::Smtp => crate::smtp::backend::probe(address, "mailgate", transport, timeout)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let mut line = Vec::with_capacity(128);
-        let mut buf = [0u8; 128];
-        while !line.contains(&b'\n') && line.len() < MAX_GREETING {
-            let n = stream
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                return Err("closed before greeting".to_string());
-            }
-            line.extend_from_slice(buf.get(..n).unwrap_or_default());
-        }
-        let (expected, goodbye): (&[u8], &[u8]) = match protocol {
-            Protocol::Imap => (b"* OK", b"p LOGOUT\r\n"),
-            Protocol::Smtp => (b"220", b"QUIT\r\n"),
-        };
-        if !line.starts_with(expected) {
-            let shown = String::from_utf8_lossy(line.get(..60).unwrap_or(&line));
-            return Err(format!("unexpected greeting {:?}", shown.trim_end()));
-        }
-        let _ = stream.write_all(goodbye).await;
-        Ok(())
+            .map(drop),
     };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| format!("no greeting within {timeout:?}"))?
+    result.map_err(|e| e.to_string())
 }
 
 /// Probes one backend every `interval` until `shutdown` reaches `Closing`, recording each
@@ -233,6 +215,7 @@ pub fn spawn_checkers(
                 let address = backend.address.clone();
                 let name = format!("{}/{}/{}", pool.name, protocol.as_str(), address);
                 let extensions = smtp_extensions.clone();
+                let transport = pool.transport.clone();
                 tokio::spawn(check_loop(
                     name,
                     backend.health().clone(),
@@ -241,10 +224,15 @@ pub fn spawn_checkers(
                     move || {
                         let address = address.clone();
                         let extensions = extensions.clone();
+                        let transport = transport.clone();
                         async move {
                             match protocol {
-                                Protocol::Imap => probe(&address, protocol, timeout).await,
-                                Protocol::Smtp => extensions.probe(&address, timeout).await,
+                                Protocol::Imap => {
+                                    probe(&address, protocol, &transport, timeout).await
+                                }
+                                Protocol::Smtp => {
+                                    extensions.probe(&address, &transport, timeout).await
+                                }
                             }
                         }
                     },
@@ -429,6 +417,8 @@ mod tests {
 
     #[tokio::test]
     async fn probe_reads_the_greeting() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -437,25 +427,28 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
             .to_string();
         tokio::spawn(async move {
-            for greeting in [
-                &b"* OK ready\r\n"[..],
-                b"220 mx ESMTP\r\n",
-                b"* BYE busy\r\n",
+            // Each greeting, then the answer to the probe's first command.
+            for (greeting, answer) in [
+                (&b"* OK ready\r\n"[..], &b""[..]),
+                (b"220 mx ESMTP\r\n", b"250 mx\r\n"),
+                (b"* BYE busy\r\n", b""),
             ] {
                 if let Ok((mut s, _)) = listener.accept().await {
                     let _ = s.write_all(greeting).await;
                     let mut sink = [0u8; 64];
                     let _ = s.read(&mut sink).await;
+                    let _ = s.write_all(answer).await;
+                    let _ = s.read(&mut sink).await;
                 }
             }
         });
         let t = Duration::from_secs(2);
-        assert_eq!(probe(&addr, Protocol::Imap, t).await, Ok(()));
-        assert_eq!(probe(&addr, Protocol::Smtp, t).await, Ok(()));
-        let bye = probe(&addr, Protocol::Imap, t).await;
+        let plain = Transport::Plain;
+        assert_eq!(probe(&addr, Protocol::Imap, &plain, t).await, Ok(()));
+        assert_eq!(probe(&addr, Protocol::Smtp, &plain, t).await, Ok(()));
+        let bye = probe(&addr, Protocol::Imap, &plain, t).await;
         assert!(
-            bye.as_ref()
-                .is_err_and(|e| e.contains("unexpected greeting \"* BYE busy\"")),
+            bye.as_ref().is_err_and(|e| e.contains("greeted with BYE")),
             "{bye:?}"
         );
         // Nobody listens there any more.
@@ -467,8 +460,12 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
             .to_string();
         drop(closed);
-        assert!(probe(&dead, Protocol::Imap, t)
-            .await
-            .is_err_and(|e| e.starts_with("connect:")));
+        let refused = probe(&dead, Protocol::Imap, &plain, t).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.starts_with("unreachable:") && e.contains("refused")),
+            "{refused:?}"
+        );
     }
 }

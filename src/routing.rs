@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::config::{BackendTls, Config, LoginConfig, Protocol, Secret, SmtpLogin};
+use crate::backend::Transport;
+use crate::config::{Config, LoginConfig, Protocol, Secret, SmtpLogin};
 use crate::health::{BackendHealth, Thresholds};
 
 /// One backend server, as configured (`host:port`).
@@ -70,7 +71,9 @@ pub struct Pool {
     pub name: String,
     pub imap: Vec<Backend>,
     pub smtp: Vec<Backend>,
-    pub backend_tls: BackendTls,
+    /// Plaintext or TLS to the backends (`backend_tls`, `backend_ca`), for logins and health
+    /// probes alike.
+    pub transport: Transport,
     pub imap_login: ImapLogin,
     pub smtp_login: SmtpLogin,
     /// How long a backend connect may take (the pool's health timeout).
@@ -128,10 +131,11 @@ pub enum RouterError {
 
 impl Router {
     /// Builds the router from a validated config; `master_password` reads a pool's master
-    /// password (inline or from its file).
+    /// password (inline or from its file). Each TLS pool gets its TLS client here, once.
     ///
     /// # Errors
-    /// A pool named in routing that does not exist, or a master password that cannot be read.
+    /// A pool named in routing that does not exist, a master password that cannot be read, or
+    /// a pool's CA bundle (or the system's trust store) that cannot be loaded.
     pub fn from_config(config: &Config) -> Result<Router, RouterError> {
         let mut pools = BTreeMap::new();
         for (name, pool) in &config.pools {
@@ -171,13 +175,20 @@ impl Router {
                     }
                 }
             };
+            let transport =
+                Transport::new(pool.backend_tls, pool.backend_ca.as_deref()).map_err(|e| {
+                    RouterError::Pool {
+                        pool: name.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
             pools.insert(
                 name.clone(),
                 Arc::new(Pool {
                     name: name.clone(),
                     imap: backends(&pool.imap),
                     smtp: backends(&pool.smtp),
-                    backend_tls: pool.backend_tls,
+                    transport,
                     imap_login,
                     smtp_login: pool.smtp_login,
                     connect_timeout: pool.health.timeout.0,
@@ -265,7 +276,7 @@ mod tests {
             name: "p".into(),
             imap: backends.iter().map(|b| Backend::new(*b)).collect(),
             smtp: Vec::new(),
-            backend_tls: BackendTls::None,
+            transport: Transport::Plain,
             imap_login: ImapLogin::Passthrough,
             smtp_login: SmtpLogin::Xclient,
             connect_timeout: Duration::from_secs(1),

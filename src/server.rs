@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::accounts::{AccountStore, Authenticator};
+use crate::backend::BackendStream;
 use crate::config::{Config, ListenerConfig, ListenerTls, Protocol};
 use crate::health::Readiness;
 use crate::login::LoginResult;
@@ -96,16 +97,8 @@ impl Server {
                     .join("\n")
             )
         })?;
+        // Also builds each TLS pool's client config (roots, session cache), once.
         let router = Router::from_config(&config)?;
-        for pool in router.pools() {
-            if pool.backend_tls != crate::config::BackendTls::None {
-                anyhow::bail!(
-                    "pools.{}.backend_tls: TLS to the backend is not supported by this version; use `none` \
-                     (backends on a trusted network or loopback)",
-                    pool.name
-                );
-            }
-        }
         let metrics = Metrics::new(&prometheus::Registry::new(), &config).context("metrics")?;
         if let Some(tls) = &tls {
             metrics.certificates(&tls.resolver.current());
@@ -256,7 +249,7 @@ async fn probe_smtp(config: &Config, router: &Router, extensions: &BackendExtens
     for pool in router.pools() {
         for backend in &pool.smtp {
             match extensions
-                .probe(&backend.address, pool.connect_timeout)
+                .probe(&backend.address, &pool.transport, pool.connect_timeout)
                 .await
             {
                 Ok(()) => answered = true,
@@ -429,7 +422,7 @@ pub struct Spliced {
     pub conn: Connection,
     pub log: SessionLog,
     pub client: ClientStream,
-    pub backend: TcpStream,
+    pub backend: BackendStream,
     /// The protocol's goodbye when the drain deadline passes (`* BYE ...`, `421 ...`).
     pub bye_shutdown: &'static [u8],
     /// ... and after the idle timeout.

@@ -91,6 +91,7 @@ fn production_example_fails_only_on_files_absent_here() {
         "pools.imap.login.password_file",
         "pools.imappro.login.password_file",
         "pools.imappro-dedicated.login.password_file",
+        "pools.imappro-dedicated.backend_ca",
     ]
     .into_iter()
     .collect();

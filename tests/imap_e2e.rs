@@ -482,7 +482,7 @@ fn an_unreachable_backend_makes_the_login_try_the_next_in_the_users_order() {
                 mailgate::routing::Backend::new(live.clone()),
             ],
             smtp: Vec::new(),
-            backend_tls: mailgate::config::BackendTls::None,
+            transport: mailgate::backend::Transport::Plain,
             imap_login: mailgate::routing::ImapLogin::Passthrough,
             smtp_login: mailgate::config::SmtpLogin::Xclient,
             connect_timeout: Duration::from_secs(1),

@@ -1,5 +1,10 @@
-//! IMAP backend login: connect, read the greeting, send `ID` with the client's real address,
-//! log in (master user or the client's own credentials), learn the post-login capabilities.
+//! IMAP backend login: connect, read the greeting, STARTTLS when the pool says so, send `ID`
+//! with the client's real address, log in (master user or the client's own credentials), learn
+//! the post-login capabilities.
+//!
+//! After the backend's `OK` to STARTTLS, whatever else it sent in plaintext is dropped with the
+//! plaintext connection: a man in the middle could have put it there. Capabilities are asked
+//! for again over TLS for the same reason.
 //!
 //! mailgate uses its own tags (`mg1`, `mg2`, ...) here; the client's tag is used only in the
 //! reply mailgate writes to the client. Backend texts never reach the client: a refusal comes
@@ -9,11 +14,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
-use crate::backend::connect;
 pub use crate::backend::BackendError;
+use crate::backend::{BackendStream, Transport};
 use crate::routing::ImapLogin;
 
 /// Longest backend response mailgate reads during login (lines plus literals).
@@ -26,6 +30,8 @@ pub struct LoginRequest<'a> {
     /// The client's password; sent only in passthrough mode.
     pub password: &'a [u8],
     pub login: &'a ImapLogin,
+    /// Plaintext, STARTTLS or implicit TLS: the pool's.
+    pub transport: &'a Transport,
     /// `ID` fields, in order: mailgate's `x-` fields, then the client's own.
     pub id: &'a [(String, String)],
     pub connect_timeout: Duration,
@@ -36,7 +42,7 @@ pub struct LoginRequest<'a> {
 /// A logged-in backend connection, ready to splice.
 #[derive(Debug)]
 pub struct BackendSession {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// The post-login capability list, space-separated.
     pub capabilities: String,
     /// Bytes the backend sent after the login reply (normally none): forward them first.
@@ -52,27 +58,69 @@ pub async fn login(
     address: &str,
     request: &LoginRequest<'_>,
 ) -> Result<BackendSession, BackendError> {
-    let stream = connect(address, request.connect_timeout).await?;
-    let conn = Conn {
-        stream,
-        buf: BytesMut::with_capacity(1024),
-        next_tag: 1,
+    let stream = request
+        .transport
+        .connect(address, request.connect_timeout)
+        .await?;
+    tokio::time::timeout(
+        request.login_timeout,
+        Conn::new(stream).log_in(address, request),
+    )
+    .await
+    .map_err(|_| BackendError::Failed(format!("{address}: login timed out")))?
+}
+
+/// Connects to `address` as a login would (TLS included), reads the greeting, and logs out:
+/// the health probe of an IMAP backend, all within `timeout`.
+///
+/// # Errors
+/// What went wrong, for the health log.
+pub async fn probe(
+    address: &str,
+    transport: &Transport,
+    timeout: Duration,
+) -> Result<(), BackendError> {
+    let attempt = async {
+        let stream = transport.connect(address, timeout).await?;
+        let mut conn = Conn::new(stream).open(address, transport, timeout).await?.0;
+        // Best effort: a polite goodbye, so the backend logs no error.
+        let tag = conn.tag();
+        let _ = conn.send(format!("{tag} LOGOUT\r\n").as_bytes()).await;
+        Ok(())
     };
-    tokio::time::timeout(request.login_timeout, conn.log_in(request))
-        .await
-        .map_err(|_| BackendError::Failed(format!("{address}: login timed out")))?
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+        BackendError::Unreachable(format!("{address}: no greeting within {timeout:?}"))
+    })?
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: BackendStream,
     buf: BytesMut,
     next_tag: u32,
 }
 
 impl Conn {
-    async fn log_in(mut self, request: &LoginRequest<'_>) -> Result<BackendSession, BackendError> {
+    fn new(stream: BackendStream) -> Conn {
+        Conn {
+            stream,
+            buf: BytesMut::with_capacity(1024),
+            next_tag: 1,
+        }
+    }
+
+    /// The greeting, then STARTTLS when the transport says so. Returns the connection (a new
+    /// one after STARTTLS) and the capabilities the greeting announced, if they can be
+    /// trusted (never those of a plaintext greeting before STARTTLS).
+    ///
+    /// `timeout` bounds the STARTTLS handshake.
+    async fn open(
+        mut self,
+        address: &str,
+        transport: &Transport,
+        timeout: Duration,
+    ) -> Result<(Conn, Option<String>), BackendError> {
         let greeting = self.read_response().await?;
-        let mut capabilities = match parse(&greeting) {
+        let capabilities = match parse(&greeting) {
             Response::Untagged {
                 status: Some(Status::Ok),
                 code,
@@ -88,11 +136,63 @@ impl Conn {
             } => return Err(BackendError::Failed("greeted with PREAUTH: refused".into())),
             _ => return Err(BackendError::Failed("unexpected greeting".into())),
         };
-        if capabilities.is_none() {
-            capabilities = Some(self.capability().await?);
+        match transport {
+            Transport::Starttls(_) => Ok((self.starttls(address, transport, timeout).await?, None)),
+            Transport::Plain | Transport::Implicit(_) => Ok((self, capabilities)),
         }
-        let caps = capabilities.unwrap_or_default();
-        if has_capability(&caps, "ID") && !request.id.is_empty() {
+    }
+
+    /// `STARTTLS`, its tagged `OK`, then the handshake on the bare TCP stream. The plaintext
+    /// buffer, with anything the backend sent past the `OK`, is dropped with `self`.
+    async fn starttls(
+        mut self,
+        address: &str,
+        transport: &Transport,
+        timeout: Duration,
+    ) -> Result<Conn, BackendError> {
+        let tag = self.tag();
+        self.send(format!("{tag} STARTTLS\r\n").as_bytes()).await?;
+        let (status, _) = self.read_tagged(&tag, &mut None).await?;
+        if status != Status::Ok {
+            // A backend that does not do STARTTLS: another one of the pool may.
+            return Err(BackendError::Unreachable(format!(
+                "{address}: STARTTLS refused ({status:?})"
+            )));
+        }
+        let Conn {
+            stream, next_tag, ..
+        } = self;
+        let BackendStream::Plain(tcp) = stream else {
+            return Err(BackendError::Failed("STARTTLS inside TLS".into()));
+        };
+        let stream = transport.starttls(tcp, address, timeout).await?;
+        Ok(Conn {
+            next_tag,
+            ..Conn::new(stream)
+        })
+    }
+
+    async fn log_in(
+        self,
+        address: &str,
+        request: &LoginRequest<'_>,
+    ) -> Result<BackendSession, BackendError> {
+        let (mut conn, capabilities) = self
+            .open(address, request.transport, request.login_timeout)
+            .await?;
+        let caps = match capabilities {
+            Some(caps) => caps,
+            None => conn.capability().await?,
+        };
+        conn.authenticate(request, &caps).await
+    }
+
+    async fn authenticate(
+        mut self,
+        request: &LoginRequest<'_>,
+        caps: &str,
+    ) -> Result<BackendSession, BackendError> {
+        if has_capability(caps, "ID") && !request.id.is_empty() {
             let tag = self.tag();
             let line = format!("{tag} ID {}\r\n", id_list(request.id));
             self.send(line.as_bytes()).await?;
@@ -111,7 +211,7 @@ impl Conn {
                 plain.push(0);
                 plain.extend_from_slice(password.expose().as_bytes());
                 let b64 = base64::engine::general_purpose::STANDARD.encode(&plain);
-                if has_capability(&caps, "SASL-IR") {
+                if has_capability(caps, "SASL-IR") {
                     self.send(format!("{tag} AUTHENTICATE PLAIN {b64}\r\n").as_bytes())
                         .await?;
                 } else {
@@ -124,7 +224,7 @@ impl Conn {
             ImapLogin::Passthrough => {
                 let user = request.user.as_bytes();
                 let pass = request.password;
-                if has_capability(&caps, "LITERAL+") {
+                if has_capability(caps, "LITERAL+") {
                     let mut cmd = format!("{tag} LOGIN {{{}+}}\r\n", user.len()).into_bytes();
                     cmd.extend_from_slice(user);
                     cmd.extend_from_slice(format!(" {{{}+}}\r\n", pass.len()).as_bytes());
@@ -175,9 +275,9 @@ impl Conn {
         tag
     }
 
+    /// Writes and flushes (a TLS stream may hold records until flushed).
     async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
-        self.stream
-            .write_all(bytes)
+        crate::server::write(&mut self.stream, bytes)
             .await
             .map_err(|e| BackendError::Failed(format!("write: {e}")))
     }
@@ -402,6 +502,9 @@ fn id_list(fields: &[(String, String)]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::login as login_to;
     use super::*;
 
     #[test]
@@ -464,6 +567,115 @@ mod tests {
         assert_eq!(
             id_list(&fields),
             r#"("x-originating-ip" "192.0.2.7" "name" "Thunder\"bird\\")"#
+        );
+    }
+
+    /// The STARTTLS injection: a backend (or a man in the middle) sends more in plaintext right
+    /// after `OK Begin TLS`, in the same write. None of it may count as the backend's words
+    /// over TLS: not a harmless untagged line, and not forged answers to the commands mailgate
+    /// is about to send.
+    #[tokio::test]
+    async fn plaintext_after_the_starttls_ok_is_dropped() {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+
+        use crate::backend::test_pki::{read_line, Pki};
+        use crate::config::BackendTls;
+
+        let pki = Pki::new("mailgate test CA");
+        let transport =
+            Transport::with_roots(BackendTls::Starttls, pki.roots()).expect("transport");
+        let forged: &[u8] = b"* CAPABILITY IMAP4rev1 SASL-IR FORGED\r\nmg2 OK done\r\n\
+                              mg3 OK [CAPABILITY IMAP4rev1 FORGED] Logged in\r\n";
+        for injected in [&b"* OK injected\r\n"[..], forged] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let address = listener.local_addr().expect("addr").to_string();
+            let acceptor = pki.acceptor(&["127.0.0.1"]);
+            let backend = tokio::spawn(async move {
+                let (mut tcp, _) = listener.accept().await.expect("accept");
+                tcp.write_all(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n")
+                    .await
+                    .expect("greet");
+                let mut seen = vec![read_line(&mut tcp).await];
+                let mut ok = b"mg1 OK Begin TLS\r\n".to_vec();
+                ok.extend_from_slice(injected);
+                tcp.write_all(&ok).await.expect("one write");
+                let tls = acceptor.accept(tcp).await.expect("handshake");
+                let mut tls = BufReader::new(tls);
+                for reply in [
+                    &b"* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN\r\nmg2 OK done\r\n"[..],
+                    b"mg3 OK [CAPABILITY IMAP4rev1 IDLE REAL] Logged in\r\n",
+                ] {
+                    let mut line = String::new();
+                    tls.read_line(&mut line).await.expect("read");
+                    seen.push(line);
+                    tls.get_mut().write_all(reply).await.expect("reply");
+                    tls.get_mut().flush().await.expect("flush");
+                }
+                seen
+            });
+            let login = ImapLogin::Master {
+                user: "proxy".into(),
+                password: crate::config::Secret::new("master-secret"),
+            };
+            let request = LoginRequest {
+                user: "alice@skydesk.jp",
+                password: b"",
+                login: &login,
+                transport: &transport,
+                id: &[],
+                connect_timeout: Duration::from_secs(5),
+                login_timeout: Duration::from_secs(5),
+            };
+            let session = login_to(&address, &request).await.expect("login");
+            assert!(session.stream.is_tls());
+            assert_eq!(session.capabilities, "IMAP4rev1 IDLE REAL");
+            assert!(session.leftover.is_empty(), "{:?}", session.leftover);
+            let plain = base64::engine::general_purpose::STANDARD
+                .encode("alice@skydesk.jp\0proxy\0master-secret");
+            assert_eq!(
+                backend.await.expect("backend"),
+                [
+                    "mg1 STARTTLS\r\n".to_string(),
+                    "mg2 CAPABILITY\r\n".to_string(),
+                    format!("mg3 AUTHENTICATE PLAIN {plain}\r\n"),
+                ]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_starttls_is_not_a_plaintext_login() {
+        use crate::backend::test_pki::{read_line, Pki};
+        use crate::config::BackendTls;
+
+        let pki = Pki::new("mailgate test CA");
+        let transport =
+            Transport::with_roots(BackendTls::Starttls, pki.roots()).expect("transport");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let backend = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.expect("accept");
+            tcp.write_all(b"* OK hi\r\n").await.expect("greet");
+            let first = read_line(&mut tcp).await;
+            tcp.write_all(b"mg1 BAD no TLS here\r\n")
+                .await
+                .expect("bad");
+            let rest = read_line(&mut tcp).await;
+            (first, rest)
+        });
+        let refused = probe(&address, &transport, Duration::from_secs(5)).await;
+        assert!(
+            matches!(&refused, Err(BackendError::Unreachable(e)) if e.contains("STARTTLS refused")),
+            "{refused:?}"
+        );
+        // Nothing else was sent: the connection was given up.
+        assert_eq!(
+            backend.await.expect("backend"),
+            ("mg1 STARTTLS\r\n".to_string(), String::new())
         );
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -250,6 +250,7 @@ async fn log_in(
         user: &grant.route.address,
         password: credentials.password.as_bytes(),
         login: &pool.imap_login,
+        transport: &pool.transport,
         id: &id,
         connect_timeout: pool.connect_timeout,
         login_timeout: BACKEND_LOGIN_TIMEOUT,
@@ -299,7 +300,7 @@ async fn hand_over(conn: Connection, mut log: SessionLog, session: LoggedIn) -> 
     hello.extend_from_slice(&leftover);
     if write(&mut client, &hello).await.is_err() {
         log.end = "client_gone";
-    } else if !pipelined.is_empty() && backend.write_all(&pipelined).await.is_err() {
+    } else if !pipelined.is_empty() && write(&mut backend, &pipelined).await.is_err() {
         log.end = "backend_gone";
     } else {
         log.client_to_backend += pipelined.len() as u64;

@@ -2,6 +2,10 @@
 //! session to it — by XCLIENT (Postfix: the backend treats the session as coming from the
 //! client's address, authenticated as the user), by `AUTH PLAIN` as a master user, or with
 //! the client's own credentials.
+//!
+//! With `backend_tls: starttls` the backend is asked for STARTTLS after the first EHLO; once
+//! it says `220`, whatever else it sent in plaintext is dropped with the plaintext connection,
+//! and the EHLO is said again over TLS (the plaintext extensions are not trusted).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,11 +13,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
-use crate::backend::connect;
 pub use crate::backend::BackendError;
+use crate::backend::{BackendStream, Transport};
 use crate::config::{Secret, SmtpLogin};
 
 /// Longest reply line read from a backend (RFC 5321 says 512; be generous).
@@ -28,6 +31,8 @@ pub struct LoginRequest<'a> {
     /// The client's password: sent only in passthrough mode.
     pub password: &'a [u8],
     pub mode: SmtpLogin,
+    /// Plaintext, STARTTLS or implicit TLS: the pool's.
+    pub transport: &'a Transport,
     /// Master credentials (the pool's IMAP master user), for `mode: master`.
     pub master: Option<(&'a str, &'a Secret)>,
     pub client: SocketAddr,
@@ -42,27 +47,29 @@ pub struct LoginRequest<'a> {
 /// A backend session in the client's name, ready to splice.
 #[derive(Debug)]
 pub struct BackendSession {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// Bytes the backend sent past the last reply read (normally none).
     pub leftover: BytesMut,
 }
 
-/// Connects to `address`, reads the greeting, says EHLO and returns the extension lines
-/// (without the first line, which is the server's name), then QUIT.
+/// Connects to `address` as a login would (TLS included), reads the greeting, says EHLO and
+/// returns the extension lines (without the first line, which is the server's name), then
+/// QUIT.
 ///
 /// # Errors
 /// As for `login`.
 pub async fn probe(
     address: &str,
     hostname: &str,
+    transport: &Transport,
     timeout: Duration,
 ) -> Result<Vec<String>, BackendError> {
-    let stream = connect(address, timeout).await?;
-    let mut conn = Conn::new(stream);
+    let stream = transport.connect(address, timeout).await?;
     tokio::time::timeout(timeout, async {
-        conn.greeting().await?;
-        let extensions = conn.ehlo(hostname).await?;
-        let _ = conn.stream.write_all(b"QUIT\r\n").await;
+        let (mut conn, extensions) = Conn::new(stream)
+            .open(address, hostname, transport, timeout)
+            .await?;
+        let _ = conn.send(b"QUIT\r\n").await;
         Ok(extensions)
     })
     .await
@@ -78,11 +85,16 @@ pub async fn login(
     address: &str,
     request: &LoginRequest<'_>,
 ) -> Result<BackendSession, BackendError> {
-    let stream = connect(address, request.connect_timeout).await?;
-    let mut conn = Conn::new(stream);
-    tokio::time::timeout(request.login_timeout, conn.log_in(request))
-        .await
-        .map_err(|_| BackendError::Failed(format!("{address}: login timed out")))??;
+    let stream = request
+        .transport
+        .connect(address, request.connect_timeout)
+        .await?;
+    let conn = tokio::time::timeout(
+        request.login_timeout,
+        Conn::new(stream).log_in(address, request),
+    )
+    .await
+    .map_err(|_| BackendError::Failed(format!("{address}: login timed out")))??;
     Ok(BackendSession {
         stream: conn.stream,
         leftover: conn.buf,
@@ -97,23 +109,87 @@ struct Reply {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: BackendStream,
     buf: BytesMut,
 }
 
 impl Conn {
-    fn new(stream: TcpStream) -> Conn {
+    fn new(stream: BackendStream) -> Conn {
         Conn {
             stream,
             buf: BytesMut::with_capacity(1024),
         }
     }
 
-    async fn log_in(&mut self, request: &LoginRequest<'_>) -> Result<(), BackendError> {
-        let extensions = {
-            self.greeting().await?;
-            self.ehlo(request.hostname).await?
+    /// The greeting and EHLO as `hostname`; with STARTTLS, then the upgrade and EHLO again.
+    /// Returns the connection (a new one after STARTTLS) and the extensions of its last EHLO.
+    ///
+    /// `timeout` bounds the STARTTLS handshake.
+    async fn open(
+        mut self,
+        address: &str,
+        hostname: &str,
+        transport: &Transport,
+        timeout: Duration,
+    ) -> Result<(Conn, Vec<String>), BackendError> {
+        self.greeting().await?;
+        let extensions = self.ehlo(hostname).await?;
+        match transport {
+            Transport::Plain | Transport::Implicit(_) => Ok((self, extensions)),
+            Transport::Starttls(_) => {
+                if !extensions.iter().any(|e| keyword(e) == "STARTTLS") {
+                    return Err(BackendError::Unreachable(format!(
+                        "{address}: does not offer STARTTLS"
+                    )));
+                }
+                let mut conn = self.starttls(address, transport, timeout).await?;
+                let extensions = conn.ehlo(hostname).await?;
+                Ok((conn, extensions))
+            }
+        }
+    }
+
+    /// `STARTTLS`, its `220`, then the handshake on the bare TCP stream. The plaintext
+    /// buffer, with anything the backend sent past the `220`, is dropped with `self`.
+    async fn starttls(
+        mut self,
+        address: &str,
+        transport: &Transport,
+        timeout: Duration,
+    ) -> Result<Conn, BackendError> {
+        self.send(b"STARTTLS\r\n").await?;
+        let reply = self.reply().await?;
+        if reply.code != 220 {
+            return Err(BackendError::Unreachable(format!(
+                "{address}: STARTTLS answered {}",
+                reply.code
+            )));
+        }
+        let BackendStream::Plain(tcp) = self.stream else {
+            return Err(BackendError::Failed("STARTTLS inside TLS".into()));
         };
+        Ok(Conn::new(transport.starttls(tcp, address, timeout).await?))
+    }
+
+    async fn log_in(self, address: &str, request: &LoginRequest<'_>) -> Result<Conn, BackendError> {
+        let (mut conn, extensions) = self
+            .open(
+                address,
+                request.hostname,
+                request.transport,
+                request.login_timeout,
+            )
+            .await?;
+        conn.hand_over(request, &extensions).await?;
+        Ok(conn)
+    }
+
+    /// Makes the session the client's: XCLIENT, or AUTH as master or as the client.
+    async fn hand_over(
+        &mut self,
+        request: &LoginRequest<'_>,
+        extensions: &[String],
+    ) -> Result<(), BackendError> {
         match request.mode {
             SmtpLogin::Xclient => {
                 if !extensions.iter().any(|e| keyword(e) == "XCLIENT") {
@@ -198,9 +274,9 @@ impl Conn {
         Ok(reply.lines.into_iter().skip(1).collect())
     }
 
+    /// Writes and flushes (a TLS stream may hold records until flushed).
     async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
-        self.stream
-            .write_all(bytes)
+        crate::server::write(&mut self.stream, bytes)
             .await
             .map_err(|e| BackendError::Failed(format!("write: {e}")))
     }
@@ -364,8 +440,13 @@ impl BackendExtensions {
     ///
     /// # Errors
     /// Why the probe failed, for the health log.
-    pub async fn probe(&self, address: &str, timeout: Duration) -> Result<(), String> {
-        let extensions = probe(address, &self.hostname, timeout)
+    pub async fn probe(
+        &self,
+        address: &str,
+        transport: &Transport,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let extensions = probe(address, &self.hostname, transport, timeout)
             .await
             .map_err(|e| e.to_string())?;
         let mut by_backend = self.by_backend.lock().unwrap_or_else(|p| p.into_inner());
@@ -486,11 +567,14 @@ mod login_tests {
         (address, task)
     }
 
+    static PLAIN: Transport = Transport::Plain;
+
     fn request<'a>(mode: SmtpLogin, master: Option<(&'a str, &'a Secret)>) -> LoginRequest<'a> {
         LoginRequest {
             user: "alice@skydesk.jp",
             password: b"alice pass",
             mode,
+            transport: &PLAIN,
             master,
             client: "192.0.2.7:50123".parse::<SocketAddr>().expect("addr"),
             client_helo: "client.example",
@@ -597,5 +681,101 @@ mod login_tests {
             seen.await.expect("backend"),
             ["EHLO smtp.skydesk.jp\r\n".to_string(), expected]
         );
+    }
+
+    /// The STARTTLS injection: replies sent in plaintext right after `220 Ready to start TLS`,
+    /// in the same write, must not be read as the answers to mailgate's EHLO and XCLIENT over
+    /// TLS.
+    #[tokio::test]
+    async fn plaintext_after_the_starttls_220_is_dropped() {
+        use tokio::io::AsyncReadExt;
+
+        use crate::backend::test_pki::{read_line, Pki};
+        use crate::config::BackendTls;
+
+        let pki = Pki::new("mailgate test CA");
+        let transport =
+            Transport::with_roots(BackendTls::Starttls, pki.roots()).expect("transport");
+        let forged: &str = "250-forged\r\n250 XCLIENT ADDR LOGIN\r\n220 forged\r\n250 forged\r\n";
+        for injected in ["250 injected\r\n", forged] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let address = listener.local_addr().expect("addr").to_string();
+            let acceptor = pki.acceptor(&["127.0.0.1"]);
+            let backend = tokio::spawn(async move {
+                let (mut tcp, _) = listener.accept().await.expect("accept");
+                tcp.write_all(b"220 mx.example.com ESMTP\r\n")
+                    .await
+                    .expect("greet");
+                let mut seen = vec![read_line(&mut tcp).await];
+                tcp.write_all(b"250-mx.example.com\r\n250-XCLIENT ADDR\r\n250 STARTTLS\r\n")
+                    .await
+                    .expect("ehlo");
+                seen.push(read_line(&mut tcp).await);
+                let ready = format!("220 2.0.0 Ready to start TLS\r\n{injected}");
+                tcp.write_all(ready.as_bytes()).await.expect("one write");
+                let tls = acceptor.accept(tcp).await.expect("handshake");
+                let mut tls = BufReader::new(tls);
+                for reply in [
+                    EHLO_XCLIENT,
+                    "220 mx.example.com ESMTP\r\n",
+                    "250 mx.example.com\r\n",
+                ] {
+                    let mut line = String::new();
+                    tls.read_line(&mut line).await.expect("read");
+                    seen.push(line);
+                    tls.get_mut()
+                        .write_all(reply.as_bytes())
+                        .await
+                        .expect("reply");
+                    tls.get_mut().flush().await.expect("flush");
+                }
+                // The session is the client's now: what it sends arrives over TLS.
+                let mut rest = String::new();
+                let _ = tls.read_to_string(&mut rest).await;
+                seen.push(rest);
+                seen
+            });
+            let mut request = request(SmtpLogin::Xclient, None);
+            request.transport = &transport;
+            let mut session = login(&address, &request).await.expect("login");
+            assert!(session.stream.is_tls());
+            assert!(session.leftover.is_empty(), "{:?}", session.leftover);
+            session
+                .stream
+                .write_all(b"QUIT\r\n")
+                .await
+                .expect("client bytes");
+            session.stream.shutdown().await.expect("close");
+            assert_eq!(
+                backend.await.expect("backend"),
+                [
+                    "EHLO smtp.skydesk.jp\r\n",
+                    "STARTTLS\r\n",
+                    "EHLO smtp.skydesk.jp\r\n",
+                    "XCLIENT ADDR=192.0.2.7 PORT=50123 LOGIN=alice@skydesk.jp NAME=[UNAVAILABLE] HELO=client.example PROTO=ESMTP\r\n",
+                    "EHLO client.example\r\n",
+                    "QUIT\r\n",
+                ]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backend_without_starttls_is_not_used_in_plaintext() {
+        use crate::backend::test_pki::Pki;
+        use crate::config::BackendTls;
+
+        let pki = Pki::new("mailgate test CA");
+        let transport =
+            Transport::with_roots(BackendTls::Starttls, pki.roots()).expect("transport");
+        let (address, seen) = backend(vec![EHLO_XCLIENT]).await;
+        let mut request = request(SmtpLogin::Xclient, None);
+        request.transport = &transport;
+        let refused = login(&address, &request).await;
+        assert!(
+            matches!(&refused, Err(BackendError::Unreachable(e)) if e.contains("does not offer STARTTLS")),
+            "{refused:?}"
+        );
+        assert_eq!(seen.await.expect("backend"), ["EHLO smtp.skydesk.jp\r\n"]);
     }
 }

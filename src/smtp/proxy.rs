@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -252,6 +252,7 @@ async fn log_in(
         user: &grant.route.address,
         password: credentials.password.expose().as_bytes(),
         mode: pool.smtp_login,
+        transport: &pool.transport,
         master,
         client: conn.peer,
         client_helo: helo,
@@ -301,7 +302,7 @@ async fn hand_over(conn: Connection, mut log: SessionLog, session: LoggedIn) -> 
     hello.extend_from_slice(&leftover);
     if write(&mut client, &hello).await.is_err() {
         log.end = "client_gone";
-    } else if !pipelined.is_empty() && backend.write_all(&pipelined).await.is_err() {
+    } else if !pipelined.is_empty() && write(&mut backend, &pipelined).await.is_err() {
         log.end = "backend_gone";
     } else {
         log.client_to_backend += pipelined.len() as u64;

@@ -1,5 +1,6 @@
 //! A private Dovecot 2.3 for one test: IMAP (and optionally LMTP) on free loopback ports, all
-//! state in a temp dir, stopped on drop.
+//! state in a temp dir, stopped on drop. With [`DovecotOpts::with_tls`] it also serves TLS:
+//! STARTTLS on the IMAP listener and implicit TLS on an `imaps` one.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -35,6 +36,16 @@ pub struct DovecotOpts {
     /// Fixed ports instead of free ones (the demo, whose config names its backends' ports).
     pub imap_port: Option<u16>,
     pub lmtp_port: Option<u16>,
+    /// Serve TLS with this certificate: `ssl = yes` (STARTTLS on `imap`) and an `imaps`
+    /// listener.
+    pub tls: Option<ServerTls>,
+}
+
+/// A server certificate chain and its key, as PEM files.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for DovecotOpts {
@@ -46,6 +57,7 @@ impl Default for DovecotOpts {
             lmtp: false,
             imap_port: None,
             lmtp_port: None,
+            tls: None,
         }
     }
 }
@@ -75,6 +87,12 @@ impl DovecotOpts {
         self.lmtp = true;
         self
     }
+
+    /// Serves TLS with `tls`: STARTTLS on the IMAP listener, implicit TLS on `imaps_addr`.
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
 }
 
 /// A running Dovecot. Dropping it stops the daemon and removes its files.
@@ -88,6 +106,7 @@ pub struct Dovecot {
     stderr_path: PathBuf,
     mail_root: PathBuf,
     imap_addr: SocketAddr,
+    imaps_addr: Option<SocketAddr>,
     lmtp_addr: Option<SocketAddr>,
     opts: DovecotOpts,
     // Last: removed only after the daemon has stopped (fields drop after `Drop::drop`).
@@ -136,7 +155,7 @@ impl Dovecot {
             ),
         );
 
-        let ports = free_ports(2);
+        let ports = free_ports(3);
         let imap_addr = loopback(
             opts.imap_port
                 .unwrap_or_else(|| ports.first().copied().unwrap_or_default()),
@@ -147,11 +166,20 @@ impl Dovecot {
                     .unwrap_or_else(|| ports.get(1).copied().unwrap_or_default()),
             )
         });
+        let imaps_addr = opts
+            .tls
+            .as_ref()
+            .map(|_| loopback(ports.get(2).copied().unwrap_or_default()));
         let conf = root.join("dovecot.conf");
         let instance = unique_name("dovecot");
+        let listeners = Listeners {
+            imap: imap_addr,
+            imaps: imaps_addr,
+            lmtp: lmtp_addr,
+        };
         write_file(
             &conf,
-            &config(&root, &instance, uid, gid, imap_addr, lmtp_addr),
+            &config(&root, &instance, uid, gid, &listeners, opts.tls.as_ref()),
         );
 
         let log_path = root.join("dovecot.log");
@@ -176,6 +204,7 @@ impl Dovecot {
             stderr_path,
             mail_root,
             imap_addr,
+            imaps_addr,
             lmtp_addr,
             opts: opts.clone(),
             dir,
@@ -214,9 +243,19 @@ impl Dovecot {
         Ok(())
     }
 
-    /// The plaintext IMAP listener.
+    /// The plaintext IMAP listener (with STARTTLS when started [`DovecotOpts::with_tls`]).
     pub fn imap_addr(&self) -> SocketAddr {
         self.imap_addr
+    }
+
+    /// The implicit-TLS IMAP listener.
+    ///
+    /// # Panics
+    ///
+    /// When started without [`DovecotOpts::with_tls`].
+    pub fn imaps_addr(&self) -> SocketAddr {
+        self.imaps_addr
+            .unwrap_or_else(|| panic!("this Dovecot was started without tls"))
     }
 
     /// The LMTP listener.
@@ -399,16 +438,42 @@ impl Drop for Dovecot {
     }
 }
 
+/// Where a Dovecot listens.
+struct Listeners {
+    imap: SocketAddr,
+    /// Implicit TLS, only with a certificate.
+    imaps: Option<SocketAddr>,
+    lmtp: Option<SocketAddr>,
+}
+
 fn config(
     root: &Path,
     name: &str,
     uid: u32,
     gid: u32,
-    imap: SocketAddr,
-    lmtp: Option<SocketAddr>,
+    listeners: &Listeners,
+    tls: Option<&ServerTls>,
 ) -> String {
     let root = root.display();
+    let imap = listeners.imap;
+    let lmtp = listeners.lmtp;
     let protocols = if lmtp.is_some() { "imap lmtp" } else { "imap" };
+    let ssl = match tls {
+        Some(tls) => format!(
+            "ssl = yes\nssl_cert = <{}\nssl_key = <{}",
+            tls.cert.display(),
+            tls.key.display()
+        ),
+        None => "ssl = no".to_owned(),
+    };
+    let imaps = match listeners.imaps {
+        Some(addr) => format!(
+            "  inet_listener imaps {{\n    address = {}\n    port = {}\n    ssl = yes\n  }}",
+            addr.ip(),
+            addr.port()
+        ),
+        None => "  inet_listener imaps {\n    port = 0\n  }".to_owned(),
+    };
     let lmtp_service = match lmtp {
         Some(addr) => format!(
             "service lmtp {{\n  inet_listener lmtp {{\n    address = {}\n    port = {}\n  }}\n}}\n",
@@ -425,7 +490,7 @@ state_dir = {root}/state
 log_path = {root}/dovecot.log
 listen = 127.0.0.1
 protocols = {protocols}
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_verbose = yes
@@ -468,9 +533,7 @@ service imap-login {{
     address = {imap_ip}
     port = {imap_port}
   }}
-  inet_listener imaps {{
-    port = 0
-  }}
+{imaps}
 }}
 {lmtp_service}"#,
         imap_ip = imap.ip(),

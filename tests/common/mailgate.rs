@@ -30,6 +30,13 @@ pub struct Pool {
     pub imap: Vec<SocketAddr>,
     pub smtp: Vec<SocketAddr>,
     pub login: Login,
+    /// `backend_tls`: `none`, `starttls` or `implicit`.
+    pub backend_tls: String,
+    /// `backend_ca`: the PEM bundle that signs the backends' certificates.
+    pub backend_ca: Option<PathBuf>,
+    /// Names the backends by this host (e.g. `localhost`) instead of their IP address, so
+    /// TLS verifies a DNS name rather than an IP address.
+    pub host: Option<String>,
 }
 
 impl Pool {
@@ -41,7 +48,24 @@ impl Pool {
                 user: user.into(),
                 password: password.into(),
             },
+            backend_tls: "none".into(),
+            backend_ca: None,
+            host: None,
         }
+    }
+
+    /// TLS to the backends: `mode` (`starttls`, `implicit`), trusting the CA bundle `ca`
+    /// (the system's trust store when `None`).
+    pub fn tls(mut self, mode: &str, ca: Option<&Path>) -> Pool {
+        self.backend_tls = mode.into();
+        self.backend_ca = ca.map(Path::to_path_buf);
+        self
+    }
+
+    /// Names the backends `host:PORT` instead of `IP:PORT`.
+    pub fn host(mut self, host: &str) -> Pool {
+        self.host = Some(host.into());
+        self
     }
 }
 
@@ -103,16 +127,26 @@ pub struct Mailgate {
     dir: TempDir,
 }
 
-fn list(addrs: &[SocketAddr]) -> String {
-    let items: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+fn list(addrs: &[SocketAddr], host: Option<&str>) -> String {
+    let items: Vec<String> = addrs
+        .iter()
+        .map(|a| match host {
+            Some(host) => format!("\"{host}:{}\"", a.port()),
+            None => format!("\"{a}\""),
+        })
+        .collect();
     format!("[{}]", items.join(", "))
 }
 
 fn pool_yaml(out: &mut String, name: &str, pool: &Pool, smtp_login: &str, health: &str) {
     let _ = writeln!(out, "  {name}:");
-    let _ = writeln!(out, "    imap: {}", list(&pool.imap));
-    let _ = writeln!(out, "    smtp: {}", list(&pool.smtp));
-    let _ = writeln!(out, "    backend_tls: none");
+    let host = pool.host.as_deref();
+    let _ = writeln!(out, "    imap: {}", list(&pool.imap, host));
+    let _ = writeln!(out, "    smtp: {}", list(&pool.smtp, host));
+    let _ = writeln!(out, "    backend_tls: {}", pool.backend_tls);
+    if let Some(ca) = &pool.backend_ca {
+        let _ = writeln!(out, "    backend_ca: \"{}\"", ca.display());
+    }
     match &pool.login {
         Login::Master { user, password } => {
             let _ = writeln!(

@@ -1,5 +1,7 @@
 //! A private Postfix 3.7 for one test: one submission `smtpd` on a free loopback port that
-//! trusts `XCLIENT` from loopback, delivering over LMTP to a Dovecot; stopped on drop.
+//! trusts `XCLIENT` from loopback, delivering over LMTP to a Dovecot; stopped on drop. With
+//! [`PostfixOpts::with_tls`] it offers STARTTLS there and runs a second `smtpd` with implicit
+//! TLS (`smtpd_tls_wrappermode`, logging as `postfix/submissions`).
 //!
 //! Several instances run side by side without `multi_instance_*`: each has its own
 //! `config_directory`, `queue_directory` (which holds `pid/master.pid` and the `public/`,
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::dovecot::ServerTls;
 use super::{
     free_ports, lookup_ids, process_alive, read_lossy, run_cmd, signal, start_with_retry,
     wait_for_greeting, wait_process_gone, StartFailure, START_TIMEOUT,
@@ -38,6 +41,9 @@ pub struct PostfixOpts {
     pub routes: Vec<(String, SocketAddr)>,
     /// A fixed submission port instead of a free one (the demo).
     pub port: Option<u16>,
+    /// Serve TLS with this certificate: STARTTLS on the submission port
+    /// (`smtpd_tls_security_level = may`) and implicit TLS on `submissions_addr`.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for PostfixOpts {
@@ -49,6 +55,7 @@ impl Default for PostfixOpts {
             myhostname: "mx.mailgate.test".to_owned(),
             routes: Vec::new(),
             port: None,
+            tls: None,
         }
     }
 }
@@ -79,6 +86,13 @@ impl PostfixOpts {
         self.myhostname = name.to_owned();
         self
     }
+
+    /// Serves TLS with `tls`: STARTTLS on the submission port, implicit TLS on
+    /// `submissions_addr`.
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
 }
 
 /// A running Postfix. Dropping it stops the daemon and removes its files.
@@ -87,6 +101,8 @@ pub struct Postfix {
     queue_dir: PathBuf,
     log_path: PathBuf,
     submission_addr: SocketAddr,
+    /// The implicit-TLS `smtpd`, only with a certificate.
+    submissions_addr: Option<SocketAddr>,
     /// The master daemon, once it has written its pid file; `None` after `stop`.
     master_pid: Option<u32>,
     // Last: removed only after the daemon has stopped (fields drop after `Drop::drop`).
@@ -120,22 +136,31 @@ impl Postfix {
         std::os::unix::fs::chown(&data_dir, Some(uid), Some(gid))
             .unwrap_or_else(|e| panic!("chown {}: {e}", data_dir.display()));
 
+        let ports = free_ports(2);
         let port = opts
             .port
-            .unwrap_or_else(|| free_ports(1).first().copied().unwrap_or_default());
+            .unwrap_or_else(|| ports.first().copied().unwrap_or_default());
         let submission_addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let submissions_addr = opts
+            .tls
+            .as_ref()
+            .map(|_| SocketAddr::from(([127, 0, 0, 1], ports.get(1).copied().unwrap_or_default())));
         let log_path = root.join("postfix.log");
         write_file(
             &config_dir.join("main.cf"),
             &main_cf(opts, &root, &queue_dir, &data_dir, &log_path),
         );
-        write_file(&config_dir.join("master.cf"), &master_cf(submission_addr));
+        write_file(
+            &config_dir.join("master.cf"),
+            &master_cf(submission_addr, submissions_addr),
+        );
 
         let mut postfix = Postfix {
             config_dir,
             queue_dir,
             log_path,
             submission_addr,
+            submissions_addr,
             master_pid: None,
             dir,
         };
@@ -161,6 +186,16 @@ impl Postfix {
     /// The submission listener (`smtpd`, plaintext, trusts `XCLIENT` from loopback).
     pub fn submission_addr(&self) -> SocketAddr {
         self.submission_addr
+    }
+
+    /// The implicit-TLS `smtpd` (`smtpd_tls_wrappermode = yes`).
+    ///
+    /// # Panics
+    ///
+    /// When started without [`PostfixOpts::with_tls`].
+    pub fn submissions_addr(&self) -> SocketAddr {
+        self.submissions_addr
+            .unwrap_or_else(|| panic!("this Postfix was started without tls"))
     }
 
     /// The `config_directory`, for `postfix -c` / `postqueue -c` in a test.
@@ -277,6 +312,7 @@ virtual_mailbox_limit = 0
 virtual_mailbox_domains = {domains}
 virtual_transport = {transport}
 {transport_maps}
+{tls}
 "#,
         queue = queue_dir.display(),
         data = data_dir.display(),
@@ -285,6 +321,15 @@ virtual_transport = {transport}
         myhostname = opts.myhostname,
         size = opts.message_size_limit,
         domains = opts.domains.join(", "),
+        tls = match &opts.tls {
+            Some(tls) => format!(
+                "smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\n\
+                 smtpd_tls_loglevel = 1\nsmtpd_tls_received_header = yes",
+                tls.cert.display(),
+                tls.key.display()
+            ),
+            None => String::new(),
+        },
         transport_maps = if opts.routes.is_empty() {
             String::new()
         } else {
@@ -300,11 +345,18 @@ virtual_transport = {transport}
 
 /// The services a submission-to-LMTP Postfix needs, none chrooted (the temp dir has no chroot
 /// skeleton), plus `postlog` for `maillog_file`.
-fn master_cf(submission: SocketAddr) -> String {
+fn master_cf(submission: SocketAddr, submissions: Option<SocketAddr>) -> String {
+    let submissions = match submissions {
+        Some(addr) => format!(
+            "{addr} inet n - n - - smtpd\n  -o syslog_name=postfix/submissions\n  \
+             -o smtpd_tls_wrappermode=yes\n  -o smtpd_tls_security_level=encrypt\n"
+        ),
+        None => String::new(),
+    };
     format!(
         r#"# Generated by tests/common/postfix.rs
 {submission} inet n - n - - smtpd
-pickup     unix  n - n 60 1 pickup
+{submissions}pickup     unix  n - n 60 1 pickup
 cleanup    unix  n - n -  0 cleanup
 qmgr       unix  n - n 300 1 qmgr
 tlsmgr     unix  - - n 1000? 1 tlsmgr
