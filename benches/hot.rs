@@ -11,7 +11,7 @@ use std::time::Duration;
 use mailgate::accounts::{
     hash_password, Access, Account, DeleteMode, Organisation, PasswordHash, Switch,
 };
-use mailgate::config::{BackendTls, Protocol, SmtpLogin};
+use mailgate::config::{Protocol, SmtpLogin};
 use mailgate::imap::session::{Event, PreAuth, SessionConfig};
 use mailgate::policy::{self, Credential, Decision};
 use mailgate::routing::{Backend, ImapLogin, Pool};
@@ -156,7 +156,7 @@ mod order {
                 .map(|i| Backend::new(format!("10.0.{}.{}:143", i / 250, i % 250 + 1)))
                 .collect(),
             smtp: Vec::new(),
-            backend_tls: BackendTls::None,
+            transport: mailgate::backend::Transport::Plain,
             imap_login: ImapLogin::Passthrough,
             smtp_login: SmtpLogin::Xclient,
             connect_timeout: Duration::from_secs(2),
