@@ -171,6 +171,9 @@ impl Tls {
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         server.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        // One ticket per handshake is all a client needs to resume next time; rustls' default
+        // of two costs an extra ticket encryption and record on every login.
+        server.send_tls13_tickets = 1;
         Ok(Tls {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             resolver,

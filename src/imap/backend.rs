@@ -15,6 +15,7 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
+use zeroize::Zeroize;
 
 pub use crate::backend::BackendError;
 use crate::backend::{BackendStream, Transport};
@@ -192,46 +193,73 @@ impl Conn {
         request: &LoginRequest<'_>,
         caps: &str,
     ) -> Result<BackendSession, BackendError> {
-        if has_capability(caps, "ID") && !request.id.is_empty() {
+        // `ID` first, so the backend logs the real client; when the login needs no
+        // continuation it goes in the same write (one round trip instead of two).
+        let mut out = Vec::with_capacity(512);
+        let id_tag = if has_capability(caps, "ID") && !request.id.is_empty() {
             let tag = self.tag();
-            let line = format!("{tag} ID {}\r\n", id_list(request.id));
-            self.send(line.as_bytes()).await?;
-            // The answer does not matter: an older backend may say BAD, and login goes on.
-            self.read_tagged(&tag, &mut None).await?;
-        }
-
+            out.extend_from_slice(format!("{tag} ID {}\r\n", id_list(request.id)).as_bytes());
+            Some(tag)
+        } else {
+            None
+        };
         let tag = self.tag();
         let mut after_login = None;
-        match request.login {
-            ImapLogin::Master { user, password } => {
-                let mut plain = Vec::with_capacity(request.user.len() + user.len() + 64);
-                plain.extend_from_slice(request.user.as_bytes());
-                plain.push(0);
-                plain.extend_from_slice(user.as_bytes());
-                plain.push(0);
-                plain.extend_from_slice(password.expose().as_bytes());
-                let b64 = base64::engine::general_purpose::STANDARD.encode(&plain);
-                if has_capability(caps, "SASL-IR") {
-                    self.send(format!("{tag} AUTHENTICATE PLAIN {b64}\r\n").as_bytes())
-                        .await?;
-                } else {
+        let sasl_plain = |user: &str, password: &str| {
+            let mut plain =
+                Vec::with_capacity(request.user.len() + user.len() + password.len() + 2);
+            plain.extend_from_slice(request.user.as_bytes());
+            plain.push(0);
+            plain.extend_from_slice(user.as_bytes());
+            plain.push(0);
+            plain.extend_from_slice(password.as_bytes());
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&plain);
+            plain.zeroize();
+            b64
+        };
+        let one_shot = match request.login {
+            ImapLogin::Master { user, password } if has_capability(caps, "SASL-IR") => {
+                let mut b64 = sasl_plain(user, password.expose());
+                out.extend_from_slice(format!("{tag} AUTHENTICATE PLAIN {b64}\r\n").as_bytes());
+                b64.zeroize();
+                true
+            }
+            ImapLogin::Passthrough if has_capability(caps, "LITERAL+") => {
+                let (user, pass) = (request.user.as_bytes(), request.password);
+                out.extend_from_slice(format!("{tag} LOGIN {{{}+}}\r\n", user.len()).as_bytes());
+                out.extend_from_slice(user);
+                out.extend_from_slice(format!(" {{{}+}}\r\n", pass.len()).as_bytes());
+                out.extend_from_slice(pass);
+                out.extend_from_slice(b"\r\n");
+                true
+            }
+            _ => false,
+        };
+        if !out.is_empty() {
+            let sent = self.send(&out).await;
+            out.zeroize();
+            sent?;
+        }
+        if let Some(id_tag) = id_tag {
+            // The answer does not matter: an older backend may say BAD, and login goes on.
+            self.read_tagged(&id_tag, &mut None).await?;
+        }
+        if !one_shot {
+            match request.login {
+                ImapLogin::Master { user, password } => {
+                    let mut b64 = sasl_plain(user, password.expose());
                     self.send(format!("{tag} AUTHENTICATE PLAIN\r\n").as_bytes())
                         .await?;
                     self.expect_continuation(&tag).await?;
-                    self.send(format!("{b64}\r\n").as_bytes()).await?;
+                    let mut line = format!("{b64}\r\n");
+                    b64.zeroize();
+                    let sent = self.send(line.as_bytes()).await;
+                    line.zeroize();
+                    sent?;
                 }
-            }
-            ImapLogin::Passthrough => {
-                let user = request.user.as_bytes();
-                let pass = request.password;
-                if has_capability(caps, "LITERAL+") {
-                    let mut cmd = format!("{tag} LOGIN {{{}+}}\r\n", user.len()).into_bytes();
-                    cmd.extend_from_slice(user);
-                    cmd.extend_from_slice(format!(" {{{}+}}\r\n", pass.len()).as_bytes());
-                    cmd.extend_from_slice(pass);
-                    cmd.extend_from_slice(b"\r\n");
-                    self.send(&cmd).await?;
-                } else {
+                ImapLogin::Passthrough => {
+                    let user = request.user.as_bytes();
+                    let pass = request.password;
                     self.send(format!("{tag} LOGIN {{{}}}\r\n", user.len()).as_bytes())
                         .await?;
                     self.expect_continuation(&tag).await?;
@@ -241,7 +269,9 @@ impl Conn {
                     self.expect_continuation(&tag).await?;
                     let mut cmd = pass.to_vec();
                     cmd.extend_from_slice(b"\r\n");
-                    self.send(&cmd).await?;
+                    let sent = self.send(&cmd).await;
+                    cmd.zeroize();
+                    sent?;
                 }
             }
         }
