@@ -29,6 +29,7 @@ pub mod imap;
 pub mod login;
 pub mod metrics;
 pub mod policy;
+pub mod preauth;
 pub mod relay;
 pub mod routing;
 pub mod server;

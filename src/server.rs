@@ -318,8 +318,22 @@ impl Connection {
     /// a spliced session, which may live for hours, keeps only the splice's own state.
     async fn serve(self, stream: TcpStream) {
         let spliced = match self.listener.config.protocol {
-            Protocol::Imap => Box::pin(crate::imap::proxy::serve(self, stream)).await,
-            Protocol::Smtp => Box::pin(crate::smtp::proxy::serve(self, stream)).await,
+            Protocol::Imap => {
+                Box::pin(crate::preauth::serve(
+                    &crate::imap::proxy::Imap,
+                    self,
+                    stream,
+                ))
+                .await
+            }
+            Protocol::Smtp => {
+                Box::pin(crate::preauth::serve(
+                    &crate::smtp::proxy::Smtp,
+                    self,
+                    stream,
+                ))
+                .await
+            }
         };
         if let Some(spliced) = spliced {
             spliced.run().await;

@@ -1,93 +1,62 @@
 //! The IMAP connection driver: owns the socket, runs TLS, feeds the pure pre-auth session,
 //! authorizes logins, logs in to the backend and splices.
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::backend::{first_available, BackendError};
-use crate::config::{ListenerTls, Protocol};
+use crate::config::Protocol;
 use crate::imap::backend::{self, BackendSession, LoginRequest};
 use crate::imap::reply;
 use crate::imap::session::{Credentials, Event, PreAuth, SessionConfig, BYE_SHUTDOWN, BYE_TIMEOUT};
 use crate::login::{authorize, Grant, LoginResult};
-use crate::server::{goodbye, write, ClientStream, Connection, SessionLog, Spliced};
-use crate::shutdown::Phase;
+use crate::preauth::{self, Driver, Goodbyes, Mode, PreauthEnd};
+use crate::server::{write, ClientStream, Connection, SessionLog, Spliced};
 
 /// How long mailgate waits for the backend to finish logging in once connected.
 const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs one IMAP client connection up to the splice: TLS, the pre-auth session, the login.
-/// Returns the logged-in session for the shared splice, or `None` when the connection ended
-/// here (after leaving its log line).
-pub async fn serve(mut conn: Connection, tcp: TcpStream) -> Option<Spliced> {
-    let mut log = SessionLog::new();
-    let deadline = Instant::now() + conn.context.config.limits.preauth_timeout.0;
-    let plain = |starttls_offered| SessionConfig {
-        tls_active: false,
-        starttls_offered,
-    };
-    let secure = SessionConfig {
-        tls_active: true,
-        starttls_offered: false,
-    };
-    let logged_in = match conn.listener.config.tls {
-        ListenerTls::None => session(&mut conn, &mut log, tcp, plain(false), true, deadline)
-            .await
-            .logged_in(),
-        ListenerTls::Implicit => match conn.tls_handshake(&mut log, tcp).await {
-            Some(tls) => session(&mut conn, &mut log, tls, secure, true, deadline)
-                .await
-                .logged_in(),
-            None => None,
-        },
-        ListenerTls::Starttls => {
-            match session(&mut conn, &mut log, tcp, plain(true), true, deadline).await {
-                PreauthEnd::StartTls(tcp) => match conn.tls_handshake(&mut log, tcp).await {
-                    // No new greeting after STARTTLS (RFC 3501 6.2.1).
-                    Some(tls) => session(&mut conn, &mut log, tls, secure, false, deadline)
-                        .await
-                        .logged_in(),
-                    None => None,
-                },
-                PreauthEnd::LoggedIn(session) => Some(*session),
-                PreauthEnd::Done => None,
-            }
-        }
-    };
-    match logged_in {
-        Some(session) => hand_over(conn, log, session).await,
-        None => {
-            log.emit(&conn);
-            None
-        }
+/// The IMAP side of `preauth::serve`.
+pub struct Imap;
+
+const GOODBYES: Goodbyes = Goodbyes {
+    timeout: BYE_TIMEOUT,
+    shutdown: BYE_SHUTDOWN,
+};
+
+impl Driver for Imap {
+    type LoggedIn = LoggedIn;
+
+    fn session<S>(
+        &self,
+        conn: &mut Connection,
+        log: &mut SessionLog,
+        stream: S,
+        mode: Mode,
+        deadline: Instant,
+    ) -> impl Future<Output = PreauthEnd<S, LoggedIn>> + Send
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + Into<ClientStream>,
+    {
+        session(conn, log, stream, mode, deadline)
     }
-}
 
-/// How the pre-auth phase ended.
-enum PreauthEnd<S> {
-    /// STARTTLS: the plain stream, for the handshake. Everything the client pipelined after
-    /// STARTTLS went with the session.
-    StartTls(S),
-    LoggedIn(Box<LoggedIn>),
-    /// Logout, error, timeout or shutdown: nothing more to do.
-    Done,
-}
-
-impl<S> PreauthEnd<S> {
-    fn logged_in(self) -> Option<LoggedIn> {
-        match self {
-            PreauthEnd::LoggedIn(session) => Some(*session),
-            PreauthEnd::StartTls(_) | PreauthEnd::Done => None,
-        }
+    fn hand_over(
+        &self,
+        conn: Connection,
+        log: SessionLog,
+        session: LoggedIn,
+    ) -> impl Future<Output = Option<Spliced>> + Send {
+        hand_over(conn, log, session)
     }
 }
 
 /// A login that succeeded at a backend.
-struct LoggedIn {
+pub struct LoggedIn {
     client: ClientStream,
     /// The client's tag for its login command, for the tagged OK.
     tag: String,
@@ -103,15 +72,17 @@ async fn session<S>(
     conn: &mut Connection,
     log: &mut SessionLog,
     mut stream: S,
-    cfg: SessionConfig,
-    greet: bool,
+    mode: Mode,
     deadline: Instant,
-) -> PreauthEnd<S>
+) -> PreauthEnd<S, LoggedIn>
 where
     S: AsyncRead + AsyncWrite + Unpin + Into<ClientStream>,
 {
-    let mut session = PreAuth::new(cfg);
-    let mut pending: Vec<u8> = if greet {
+    let mut session = PreAuth::new(SessionConfig {
+        tls_active: mode.tls_active,
+        starttls_offered: mode.starttls_offered,
+    });
+    let mut pending: Vec<u8> = if mode.greet {
         session.greeting()
     } else {
         Vec::new()
@@ -131,25 +102,9 @@ where
         }
         step = match step.event.take() {
             None => {
-                let read = tokio::select! {
-                    r = stream.read(&mut buf) => r,
-                    () = tokio::time::sleep_until(deadline) => {
-                        goodbye(&mut stream, BYE_TIMEOUT).await;
-                        log.end = "preauth_timeout";
-                        return PreauthEnd::Done;
-                    }
-                    () = conn.shutdown.reached(Phase::Draining) => {
-                        goodbye(&mut stream, BYE_SHUTDOWN).await;
-                        log.end = "shutdown";
-                        return PreauthEnd::Done;
-                    }
-                };
-                match read {
-                    Ok(0) | Err(_) => {
-                        log.end = "client_gone";
-                        return PreauthEnd::Done;
-                    }
-                    Ok(n) => session.input(buf.get(..n).unwrap_or_default()),
+                match preauth::read(conn, log, &mut stream, &mut buf, deadline, &GOODBYES).await {
+                    Some(n) => session.input(buf.get(..n).unwrap_or_default()),
+                    None => return PreauthEnd::Done,
                 }
             }
             Some(Event::StartTls) => return PreauthEnd::StartTls(stream),

@@ -2,19 +2,19 @@
 //! authorizes `AUTH`, hands the session to a backend (XCLIENT / master / passthrough) and
 //! splices.
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::backend::{first_available, BackendError};
-use crate::config::{ListenerTls, Protocol, SmtpLogin};
+use crate::config::{Protocol, SmtpLogin};
 use crate::login::{authorize, Grant, LoginResult};
+use crate::preauth::{self, Driver, Goodbyes, Mode, PreauthEnd};
 use crate::routing::ImapLogin;
 use crate::server::{goodbye, write, ClientStream, Connection, SessionLog, Spliced};
-use crate::shutdown::Phase;
 use crate::smtp::backend::{self, BackendSession, LoginRequest};
 use crate::smtp::reply::{self, login_reply, REPLY_SHUTDOWN, REPLY_TIMEOUT};
 use crate::smtp::session::{Credentials, Event, PreAuth, SessionConfig};
@@ -22,66 +22,43 @@ use crate::smtp::session::{Credentials, Event, PreAuth, SessionConfig};
 /// How long mailgate waits for the backend to take the session once connected.
 const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs one SMTP client connection up to the splice: TLS, the pre-auth session, AUTH and
-/// the backend login. Returns the session for the shared splice, or `None` when the
-/// connection ended here (after leaving its log line).
-pub async fn serve(mut conn: Connection, tcp: TcpStream) -> Option<Spliced> {
-    let mut log = SessionLog::new();
-    let deadline = Instant::now() + conn.context.config.limits.preauth_timeout.0;
-    let logged_in = match conn.listener.config.tls {
-        ListenerTls::None => session(&mut conn, &mut log, tcp, false, false, true, deadline)
-            .await
-            .logged_in(),
-        ListenerTls::Implicit => match conn.tls_handshake(&mut log, tcp).await {
-            Some(tls) => session(&mut conn, &mut log, tls, true, false, true, deadline)
-                .await
-                .logged_in(),
-            None => None,
-        },
-        ListenerTls::Starttls => {
-            match session(&mut conn, &mut log, tcp, false, true, true, deadline).await {
-                PreauthEnd::StartTls(tcp) => match conn.tls_handshake(&mut log, tcp).await {
-                    // No new greeting after STARTTLS; the client must EHLO again (RFC 3207).
-                    Some(tls) => session(&mut conn, &mut log, tls, true, false, false, deadline)
-                        .await
-                        .logged_in(),
-                    None => None,
-                },
-                PreauthEnd::LoggedIn(session) => Some(*session),
-                PreauthEnd::Done => None,
-            }
-        }
-    };
-    match logged_in {
-        Some(session) => hand_over(conn, log, session).await,
-        None => {
-            log.emit(&conn);
-            None
-        }
+/// The SMTP side of `preauth::serve`.
+pub struct Smtp;
+
+const GOODBYES: Goodbyes = Goodbyes {
+    timeout: REPLY_TIMEOUT,
+    shutdown: REPLY_SHUTDOWN,
+};
+
+impl Driver for Smtp {
+    type LoggedIn = LoggedIn;
+
+    fn session<S>(
+        &self,
+        conn: &mut Connection,
+        log: &mut SessionLog,
+        stream: S,
+        mode: Mode,
+        deadline: Instant,
+    ) -> impl Future<Output = PreauthEnd<S, LoggedIn>> + Send
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + Into<ClientStream>,
+    {
+        session(conn, log, stream, mode, deadline)
     }
-}
 
-/// How the pre-auth phase ended.
-enum PreauthEnd<S> {
-    /// STARTTLS: the plain stream, for the handshake; everything pipelined went with the
-    /// session.
-    StartTls(S),
-    LoggedIn(Box<LoggedIn>),
-    /// QUIT, error, timeout or shutdown.
-    Done,
-}
-
-impl<S> PreauthEnd<S> {
-    fn logged_in(self) -> Option<LoggedIn> {
-        match self {
-            PreauthEnd::LoggedIn(session) => Some(*session),
-            PreauthEnd::StartTls(_) | PreauthEnd::Done => None,
-        }
+    fn hand_over(
+        &self,
+        conn: Connection,
+        log: SessionLog,
+        session: LoggedIn,
+    ) -> impl Future<Output = Option<Spliced>> + Send {
+        hand_over(conn, log, session)
     }
 }
 
 /// An AUTH the backend took.
-struct LoggedIn {
+pub struct LoggedIn {
     client: ClientStream,
     grant: Grant,
     backend: BackendSession,
@@ -94,23 +71,21 @@ async fn session<S>(
     conn: &mut Connection,
     log: &mut SessionLog,
     mut stream: S,
-    tls_active: bool,
-    starttls_offered: bool,
-    greet: bool,
+    mode: Mode,
     deadline: Instant,
-) -> PreauthEnd<S>
+) -> PreauthEnd<S, LoggedIn>
 where
     S: AsyncRead + AsyncWrite + Unpin + Into<ClientStream>,
 {
     let context = conn.context.clone();
     let mut session = PreAuth::new(SessionConfig {
         hostname: context.hostname.clone(),
-        tls_active,
-        starttls_offered,
+        tls_active: mode.tls_active,
+        starttls_offered: mode.starttls_offered,
         backend_extensions: context.smtp_extensions.offered().as_ref().clone(),
     });
     let mut buf = vec![0u8; 4096];
-    if greet {
+    if mode.greet {
         // A client that talks before the greeting is not speaking SMTP (or is a spam bot
         // racing the server): refuse it without reading what it sent.
         if let Some(Ok(n)) = poll_once(stream.read(&mut buf)).await {
@@ -135,25 +110,9 @@ where
         }
         step = match step.event.take() {
             None => {
-                let read = tokio::select! {
-                    r = stream.read(&mut buf) => r,
-                    () = tokio::time::sleep_until(deadline) => {
-                        goodbye(&mut stream, REPLY_TIMEOUT).await;
-                        log.end = "preauth_timeout";
-                        return PreauthEnd::Done;
-                    }
-                    () = conn.shutdown.reached(Phase::Draining) => {
-                        goodbye(&mut stream, REPLY_SHUTDOWN).await;
-                        log.end = "shutdown";
-                        return PreauthEnd::Done;
-                    }
-                };
-                match read {
-                    Ok(0) | Err(_) => {
-                        log.end = "client_gone";
-                        return PreauthEnd::Done;
-                    }
-                    Ok(n) => session.input(buf.get(..n).unwrap_or_default()),
+                match preauth::read(conn, log, &mut stream, &mut buf, deadline, &GOODBYES).await {
+                    Some(n) => session.input(buf.get(..n).unwrap_or_default()),
+                    None => return PreauthEnd::Done,
                 }
             }
             Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
