@@ -4,12 +4,15 @@
 
 use std::future::Future;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::config::ListenerTls;
-use crate::server::{goodbye, ClientStream, Connection, SessionLog, Spliced};
+use crate::backend::BackendStream;
+use crate::config::{ListenerTls, Protocol};
+use crate::login::Grant;
+use crate::server::{goodbye, write, ClientStream, Connection, SessionLog, Spliced};
 use crate::shutdown::Phase;
 
 /// How a pre-auth session runs on its stream.
@@ -24,20 +27,32 @@ pub struct Mode {
 }
 
 /// How a pre-auth session ended.
-pub enum PreauthEnd<S, L> {
+pub enum PreauthEnd<S> {
     /// STARTTLS: the plain stream, for the handshake. Everything the client pipelined after
     /// STARTTLS went with the session.
     StartTls(S),
     /// Logged in at a backend (boxed: the other variants are small).
-    LoggedIn(Box<L>),
+    LoggedIn(Box<LoggedIn>),
     /// Logout/QUIT, error, timeout or shutdown: nothing more to do.
     Done,
 }
 
+/// A login a backend accepted, ready for the splice.
+pub struct LoggedIn {
+    pub client: ClientStream,
+    pub grant: Grant,
+    pub backend: BackendStream,
+    /// The client's answer (IMAP's tagged OK with the backend's capabilities, SMTP's 235),
+    /// followed by anything the backend sent past its own login reply.
+    pub reply: Vec<u8>,
+    /// What the client sent after its login, for the backend.
+    pub pipelined: BytesMut,
+}
+
 /// One protocol's pre-auth phase.
 pub trait Driver: Sync {
-    /// What a successful login hands to `hand_over`.
-    type LoggedIn: Send;
+    const PROTOCOL: Protocol;
+    const GOODBYES: Goodbyes;
 
     /// Runs the protocol's pre-auth session on `stream`.
     fn session<S>(
@@ -47,18 +62,9 @@ pub trait Driver: Sync {
         stream: S,
         mode: Mode,
         deadline: Instant,
-    ) -> impl Future<Output = PreauthEnd<S, Self::LoggedIn>> + Send
+    ) -> impl Future<Output = PreauthEnd<S>> + Send
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Into<ClientStream>;
-
-    /// Answers the successful login and passes on what was pipelined; `None` when the
-    /// session ended there (its log line already left).
-    fn hand_over(
-        &self,
-        conn: Connection,
-        log: SessionLog,
-        session: Self::LoggedIn,
-    ) -> impl Future<Output = Option<Spliced>> + Send;
 }
 
 /// Runs one connection up to the splice: TLS as the listener says, the protocol's session,
@@ -99,7 +105,7 @@ pub async fn serve<D: Driver>(driver: &D, mut conn: Connection, tcp: TcpStream) 
         }
     };
     match logged_in {
-        Some(session) => driver.hand_over(conn, log, session).await,
+        Some(session) => hand_over(conn, log, session, D::PROTOCOL, &D::GOODBYES).await,
         None => {
             log.emit(&conn);
             None
@@ -107,8 +113,8 @@ pub async fn serve<D: Driver>(driver: &D, mut conn: Connection, tcp: TcpStream) 
     }
 }
 
-impl<S, L> PreauthEnd<S, L> {
-    fn logged_in(self) -> Option<L> {
+impl<S> PreauthEnd<S> {
+    fn logged_in(self) -> Option<LoggedIn> {
         match self {
             PreauthEnd::LoggedIn(session) => Some(*session),
             PreauthEnd::StartTls(_) | PreauthEnd::Done => None,
@@ -116,12 +122,55 @@ impl<S, L> PreauthEnd<S, L> {
     }
 }
 
-/// The protocol's goodbyes before login.
+/// The protocol's goodbyes.
 pub struct Goodbyes {
     /// At the pre-auth deadline (`* BYE ...`, `421 4.4.2 ...`).
     pub timeout: &'static [u8],
-    /// When the server starts draining (`* BYE ...`, `421 4.3.2 ...`).
+    /// When the server drains: at once before login, at the drain deadline after
+    /// (`* BYE ...`, `421 4.3.2 ...`).
     pub shutdown: &'static [u8],
+    /// After the idle timeout of a spliced session.
+    pub idle: &'static [u8],
+}
+
+/// Answers the login, passes on what the client pipelined, and hands the session to the
+/// splice; nothing of the login phase stays allocated. `None` when a side went away here
+/// (after the session's log line).
+async fn hand_over(
+    conn: Connection,
+    mut log: SessionLog,
+    session: LoggedIn,
+    protocol: Protocol,
+    goodbyes: &Goodbyes,
+) -> Option<Spliced> {
+    let LoggedIn {
+        mut client,
+        grant,
+        mut backend,
+        reply,
+        pipelined,
+    } = session;
+    log.user = Some(grant.route.address.clone());
+    log.pool = Some(grant.route.pool.name.clone());
+    if write(&mut client, &reply).await.is_err() {
+        log.end = "client_gone";
+    } else if !pipelined.is_empty() && write(&mut backend, &pipelined).await.is_err() {
+        log.end = "backend_gone";
+    } else {
+        log.client_to_backend += pipelined.len() as u64;
+        let meter = conn.context.metrics.relay_meter(protocol);
+        crate::relay::Meter::client_to_backend(meter, pipelined.len() as u64);
+        return Some(Spliced {
+            conn,
+            log,
+            client,
+            backend,
+            bye_shutdown: goodbyes.shutdown,
+            bye_idle: goodbyes.idle,
+        });
+    }
+    log.emit(&conn);
+    None
 }
 
 /// Reads the client's next bytes before login. `None` when the session is over: the client

@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
@@ -14,8 +13,8 @@ use crate::imap::backend::{self, BackendSession, LoginRequest};
 use crate::imap::reply;
 use crate::imap::session::{Credentials, Event, PreAuth, SessionConfig, BYE_SHUTDOWN, BYE_TIMEOUT};
 use crate::login::{authorize, Grant, LoginResult};
-use crate::preauth::{self, Driver, Goodbyes, Mode, PreauthEnd};
-use crate::server::{write, ClientStream, Connection, SessionLog, Spliced};
+use crate::preauth::{self, Driver, Goodbyes, LoggedIn, Mode, PreauthEnd};
+use crate::server::{write, ClientStream, Connection, SessionLog};
 
 /// How long mailgate waits for the backend to finish logging in once connected.
 const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,13 +22,13 @@ const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The IMAP side of `preauth::serve`.
 pub struct Imap;
 
-const GOODBYES: Goodbyes = Goodbyes {
-    timeout: BYE_TIMEOUT,
-    shutdown: BYE_SHUTDOWN,
-};
-
 impl Driver for Imap {
-    type LoggedIn = LoggedIn;
+    const PROTOCOL: Protocol = Protocol::Imap;
+    const GOODBYES: Goodbyes = Goodbyes {
+        timeout: BYE_TIMEOUT,
+        shutdown: BYE_SHUTDOWN,
+        idle: b"* BYE Idle for too long\r\n",
+    };
 
     fn session<S>(
         &self,
@@ -38,32 +37,12 @@ impl Driver for Imap {
         stream: S,
         mode: Mode,
         deadline: Instant,
-    ) -> impl Future<Output = PreauthEnd<S, LoggedIn>> + Send
+    ) -> impl Future<Output = PreauthEnd<S>> + Send
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Into<ClientStream>,
     {
         session(conn, log, stream, mode, deadline)
     }
-
-    fn hand_over(
-        &self,
-        conn: Connection,
-        log: SessionLog,
-        session: LoggedIn,
-    ) -> impl Future<Output = Option<Spliced>> + Send {
-        hand_over(conn, log, session)
-    }
-}
-
-/// A login that succeeded at a backend.
-pub struct LoggedIn {
-    client: ClientStream,
-    /// The client's tag for its login command, for the tagged OK.
-    tag: String,
-    grant: Grant,
-    backend: BackendSession,
-    /// What the client sent after its login command, for the backend.
-    pipelined: BytesMut,
 }
 
 /// Runs the pre-auth session on `stream` until it ends in STARTTLS, a login accepted by a
@@ -74,7 +53,7 @@ async fn session<S>(
     mut stream: S,
     mode: Mode,
     deadline: Instant,
-) -> PreauthEnd<S, LoggedIn>
+) -> PreauthEnd<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Into<ClientStream>,
 {
@@ -102,7 +81,16 @@ where
         }
         step = match step.event.take() {
             None => {
-                match preauth::read(conn, log, &mut stream, &mut buf, deadline, &GOODBYES).await {
+                match preauth::read(
+                    conn,
+                    log,
+                    &mut stream,
+                    &mut buf,
+                    deadline,
+                    &<Imap as Driver>::GOODBYES,
+                )
+                .await
+                {
                     Some(n) => session.input(buf.get(..n).unwrap_or_default()),
                     None => return PreauthEnd::Done,
                 }
@@ -133,11 +121,13 @@ where
                         conn.context
                             .metrics
                             .login(Protocol::Imap, pool, LoginResult::Ok);
+                        let mut reply = reply::logged_in(&credentials.tag, &backend.capabilities);
+                        reply.extend_from_slice(&backend.leftover);
                         return PreauthEnd::LoggedIn(Box::new(LoggedIn {
                             client: stream.into(),
-                            tag: credentials.tag.clone(),
                             grant,
-                            backend,
+                            backend: backend.stream,
+                            reply,
                             pipelined: session.into_pipelined(),
                         }));
                     }
@@ -232,46 +222,6 @@ fn refused_result(code: Option<&str>) -> LoginResult {
         Some("LIMIT") => LoginResult::TooManyConnections,
         _ => LoginResult::InvalidCredentials,
     }
-}
-
-/// Answers the client's login with the backend's capabilities, passes on what it pipelined,
-/// and hands the session to the splice. Nothing of the login phase stays allocated.
-async fn hand_over(conn: Connection, mut log: SessionLog, session: LoggedIn) -> Option<Spliced> {
-    let LoggedIn {
-        mut client,
-        tag,
-        grant,
-        backend,
-        pipelined,
-    } = session;
-    let BackendSession {
-        stream: mut backend,
-        capabilities,
-        leftover,
-    } = backend;
-    log.user = Some(grant.route.address.clone());
-    log.pool = Some(grant.route.pool.name.clone());
-    let mut hello = reply::logged_in(&tag, &capabilities);
-    hello.extend_from_slice(&leftover);
-    if write(&mut client, &hello).await.is_err() {
-        log.end = "client_gone";
-    } else if !pipelined.is_empty() && write(&mut backend, &pipelined).await.is_err() {
-        log.end = "backend_gone";
-    } else {
-        log.client_to_backend += pipelined.len() as u64;
-        let meter = conn.context.metrics.relay_meter(Protocol::Imap);
-        crate::relay::Meter::client_to_backend(meter, pipelined.len() as u64);
-        return Some(Spliced {
-            conn,
-            log,
-            client,
-            backend,
-            bye_shutdown: BYE_SHUTDOWN,
-            bye_idle: b"* BYE Idle for too long\r\n",
-        });
-    }
-    log.emit(&conn);
-    None
 }
 
 #[cfg(test)]

@@ -5,16 +5,15 @@
 use std::future::Future;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::backend::{first_available, BackendError};
 use crate::config::{Protocol, SmtpLogin};
 use crate::login::{authorize, Grant, LoginResult};
-use crate::preauth::{self, Driver, Goodbyes, Mode, PreauthEnd};
+use crate::preauth::{self, Driver, Goodbyes, LoggedIn, Mode, PreauthEnd};
 use crate::routing::ImapLogin;
-use crate::server::{goodbye, write, ClientStream, Connection, SessionLog, Spliced};
+use crate::server::{goodbye, write, ClientStream, Connection, SessionLog};
 use crate::smtp::backend::{self, BackendSession, LoginRequest};
 use crate::smtp::reply::{self, login_reply, REPLY_SHUTDOWN, REPLY_TIMEOUT};
 use crate::smtp::session::{Credentials, Event, PreAuth, SessionConfig};
@@ -25,13 +24,13 @@ const BACKEND_LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The SMTP side of `preauth::serve`.
 pub struct Smtp;
 
-const GOODBYES: Goodbyes = Goodbyes {
-    timeout: REPLY_TIMEOUT,
-    shutdown: REPLY_SHUTDOWN,
-};
-
 impl Driver for Smtp {
-    type LoggedIn = LoggedIn;
+    const PROTOCOL: Protocol = Protocol::Smtp;
+    const GOODBYES: Goodbyes = Goodbyes {
+        timeout: REPLY_TIMEOUT,
+        shutdown: REPLY_SHUTDOWN,
+        idle: b"421 4.4.2 Idle for too long\r\n",
+    };
 
     fn session<S>(
         &self,
@@ -40,30 +39,12 @@ impl Driver for Smtp {
         stream: S,
         mode: Mode,
         deadline: Instant,
-    ) -> impl Future<Output = PreauthEnd<S, LoggedIn>> + Send
+    ) -> impl Future<Output = PreauthEnd<S>> + Send
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Into<ClientStream>,
     {
         session(conn, log, stream, mode, deadline)
     }
-
-    fn hand_over(
-        &self,
-        conn: Connection,
-        log: SessionLog,
-        session: LoggedIn,
-    ) -> impl Future<Output = Option<Spliced>> + Send {
-        hand_over(conn, log, session)
-    }
-}
-
-/// An AUTH the backend took.
-pub struct LoggedIn {
-    client: ClientStream,
-    grant: Grant,
-    backend: BackendSession,
-    /// What the client sent after its AUTH, for the backend.
-    pipelined: BytesMut,
 }
 
 /// Runs the pre-auth session until STARTTLS, an AUTH the backend took, or the end.
@@ -73,7 +54,7 @@ async fn session<S>(
     mut stream: S,
     mode: Mode,
     deadline: Instant,
-) -> PreauthEnd<S, LoggedIn>
+) -> PreauthEnd<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Into<ClientStream>,
 {
@@ -110,7 +91,16 @@ where
         }
         step = match step.event.take() {
             None => {
-                match preauth::read(conn, log, &mut stream, &mut buf, deadline, &GOODBYES).await {
+                match preauth::read(
+                    conn,
+                    log,
+                    &mut stream,
+                    &mut buf,
+                    deadline,
+                    &<Smtp as Driver>::GOODBYES,
+                )
+                .await
+                {
                     Some(n) => session.input(buf.get(..n).unwrap_or_default()),
                     None => return PreauthEnd::Done,
                 }
@@ -142,10 +132,13 @@ where
                             .metrics
                             .login(Protocol::Smtp, pool, LoginResult::Ok);
                         log.backend = Some(address);
+                        let mut reply = login_reply(LoginResult::Ok, &context.config.messages);
+                        reply.extend_from_slice(&backend.leftover);
                         return PreauthEnd::LoggedIn(Box::new(LoggedIn {
                             client: stream.into(),
                             grant,
-                            backend,
+                            backend: backend.stream,
+                            reply,
                             pipelined: session.into_pipelined(),
                         }));
                     }
@@ -240,42 +233,4 @@ async fn log_in(
         }
         Err(_) => Err(LoginResult::BackendUnavailable),
     }
-}
-
-/// Answers the client's AUTH with 235, passes on what it pipelined, and hands the session
-/// to the splice. Nothing of the login phase stays allocated.
-async fn hand_over(conn: Connection, mut log: SessionLog, session: LoggedIn) -> Option<Spliced> {
-    let LoggedIn {
-        mut client,
-        grant,
-        backend,
-        pipelined,
-    } = session;
-    let BackendSession {
-        stream: mut backend,
-        leftover,
-    } = backend;
-    log.user = Some(grant.route.address.clone());
-    log.pool = Some(grant.route.pool.name.clone());
-    let mut hello = login_reply(LoginResult::Ok, &conn.context.config.messages);
-    hello.extend_from_slice(&leftover);
-    if write(&mut client, &hello).await.is_err() {
-        log.end = "client_gone";
-    } else if !pipelined.is_empty() && write(&mut backend, &pipelined).await.is_err() {
-        log.end = "backend_gone";
-    } else {
-        log.client_to_backend += pipelined.len() as u64;
-        let meter = conn.context.metrics.relay_meter(Protocol::Smtp);
-        crate::relay::Meter::client_to_backend(meter, pipelined.len() as u64);
-        return Some(Spliced {
-            conn,
-            log,
-            client,
-            backend,
-            bye_shutdown: REPLY_SHUTDOWN,
-            bye_idle: b"421 4.4.2 Idle for too long\r\n",
-        });
-    }
-    log.emit(&conn);
-    None
 }
