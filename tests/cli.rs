@@ -117,3 +117,60 @@ fn version_is_the_crate_version() {
         format!("mailgate {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn json_logs_are_one_json_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        r#"listeners:
+  - {{ name: plain, protocol: imap, address: "127.0.0.1:0", tls: none }}
+tls:
+  certificates: []
+accounts: {{ source: file, path: "{root}/config/accounts.yaml" }}
+routing: {{ consumer_domains: [skydesk.jp], default_domain: skydesk.jp, consumer_pool: p, organisation_pool: p }}
+pools:
+  p: {{ imap: ["127.0.0.1:9"], login: {{ mode: passthrough }} }}
+"#,
+        root = env!("CARGO_MANIFEST_DIR")
+    );
+    let path = dir.path().join("json.yaml");
+    std::fs::write(&path, config).expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let listening = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(line) if line.contains("listening") => break line,
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no `listening` line: {e}");
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        listening.starts_with('{') && listening.ends_with('}'),
+        "{listening}"
+    );
+    assert!(
+        listening.contains(r#""message":"listening""#),
+        "{listening}"
+    );
+    assert!(listening.contains(r#""listener":"plain""#), "{listening}");
+    assert!(listening.contains(r#""level":"INFO""#), "{listening}");
+}
