@@ -17,7 +17,6 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::{CertificateConfig, TlsConfig};
 
@@ -136,10 +135,11 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The TLS side of the server: one acceptor for every TLS listener.
+/// The TLS side of the server: one rustls config for every TLS listener, whose handshakes
+/// `tls_stream::accept` runs.
 #[derive(Clone)]
 pub struct Tls {
-    pub acceptor: TlsAcceptor,
+    pub config: Arc<ServerConfig>,
     pub resolver: Arc<SniResolver>,
 }
 
@@ -172,7 +172,7 @@ impl Tls {
             .with_cert_resolver(resolver.clone());
         server.ticketer = rustls::crypto::ring::Ticketer::new()?;
         Ok(Tls {
-            acceptor: TlsAcceptor::from(Arc::new(server)),
+            config: Arc::new(server),
             resolver,
         })
     }
