@@ -10,19 +10,21 @@
 //!
 //! - `config`: the YAML schema, defaults and validation (file:line:key errors).
 //! - `server`: listeners, accept loop, connection tasks, drain; `shutdown`: the phases.
-//! - `tls`: rustls server config, certificate by SNI, development certificate.
+//! - `tls`: rustls server config, certificate by SNI, development certificate;
+//!   `tls_stream`: the client side's TLS stream, which holds no buffers while idle.
 //! - `imap/`, `smtp/`: per protocol, the pure session, the reply mapping, the backend login
 //!   and the connection driver (`proxy`).
 //! - `accounts/`: account data, password verification and its cache; `policy`: the rules.
 //! - `login`: the outcome words and the authorize step both protocols share.
 //! - `routing`: login → pool → backend order (rendezvous hashing).
-//! - `relay`: the splice.
+//! - `relay`: the splice; `buffers`: the per-thread buffer pool it and `tls_stream` share.
 //! - `metrics`: the Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint;
 //!   `health`: backend health checks and readiness.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
 pub mod backend;
+pub mod buffers;
 pub mod config;
 pub mod health;
 pub mod imap;
@@ -36,6 +38,7 @@ pub mod server;
 pub mod shutdown;
 pub mod smtp;
 pub mod tls;
+pub mod tls_stream;
 
 /// Binds every listener of `config` and serves until `shutdown` says stop.
 ///

@@ -3,11 +3,10 @@
 //!
 //! Most of a proxy's sessions sit idle for hours (IMAP IDLE), so an idle session must cost as
 //! little memory as possible. A direction holds a buffer only while bytes are in flight: it
-//! takes one from a per-thread pool when it tries to read, gives it back at once when the read
-//! would block, and otherwise as soon as the bytes are written. An idle spliced session holds
-//! no relay buffer at all.
+//! takes one from the per-thread pool (`buffers`) when it tries to read, gives it back at once
+//! when the read would block, and otherwise as soon as the bytes are written. An idle spliced
+//! session holds no relay buffer at all.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -18,12 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::buffers::{PooledBuf, Size};
 use crate::shutdown::{Phase, Shutdown};
-
-/// Buffer size while data flows: a full TLS record's plaintext.
-pub const RELAY_BUFFER: usize = 16 * 1024;
-/// Buffers kept per worker thread for reuse; more are freed.
-const POOL_PER_THREAD: usize = 64;
 
 /// How a splice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,32 +65,6 @@ impl Meter for NoMeter {
     fn backend_to_client(&self, _: u64) {}
 }
 
-thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A relay buffer on loan from this thread's pool; back to a pool on drop.
-struct PooledBuf(Box<[u8]>);
-
-impl PooledBuf {
-    fn take() -> PooledBuf {
-        let reused = POOL.with(|p| p.borrow_mut().pop());
-        PooledBuf(reused.unwrap_or_else(|| vec![0u8; RELAY_BUFFER].into_boxed_slice()))
-    }
-}
-
-impl Drop for PooledBuf {
-    fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.0);
-        POOL.with(|p| {
-            let mut pool = p.borrow_mut();
-            if pool.len() < POOL_PER_THREAD {
-                pool.push(buf);
-            }
-        });
-    }
-}
-
 /// One direction of the copy.
 #[derive(Default)]
 struct Transfer {
@@ -129,7 +98,7 @@ impl Transfer {
         loop {
             if let Some(buf) = &self.buf {
                 while self.pos < self.cap {
-                    let n = ready!(writer.as_mut().poll_write(cx, &buf.0[self.pos..self.cap]))?;
+                    let n = ready!(writer.as_mut().poll_write(cx, &buf[self.pos..self.cap]))?;
                     if n == 0 {
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
@@ -152,8 +121,8 @@ impl Transfer {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut buf = PooledBuf::take();
-            let mut read_buf = ReadBuf::new(&mut buf.0);
+            let mut buf = PooledBuf::take(Size::Relay);
+            let mut read_buf = ReadBuf::new(&mut buf);
             match reader.as_mut().poll_read(cx, &mut read_buf) {
                 Poll::Pending => {
                     // Nothing to read: give the buffer back, and make sure what was written

@@ -352,7 +352,8 @@ impl Connection {
             return None;
         };
         let limit = self.context.config.limits.handshake_timeout.0;
-        match tokio::time::timeout(limit, tls.acceptor.accept(tcp)).await {
+        let handshake = crate::tls_stream::accept(tls.config.clone(), tcp);
+        match tokio::time::timeout(limit, handshake).await {
             Ok(Ok(stream)) => Some(stream),
             Ok(Err(e)) => {
                 tracing::debug!(session = %self.id, error = %e, "TLS handshake failed");
@@ -369,7 +370,7 @@ impl Connection {
     }
 }
 
-pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+pub type TlsStream = crate::tls_stream::LeanTlsStream;
 
 /// The client's side of a connection: plain TCP, or TLS (boxed: a rustls connection is more
 /// than a kilobyte, and most of the code does not care which it is).

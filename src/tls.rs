@@ -17,7 +17,6 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::{CertificateConfig, TlsConfig};
 
@@ -136,10 +135,11 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The TLS side of the server: one acceptor for every TLS listener.
+/// The TLS side of the server: one rustls config for every TLS listener, whose handshakes
+/// `tls_stream::accept` runs.
 #[derive(Clone)]
 pub struct Tls {
-    pub acceptor: TlsAcceptor,
+    pub config: Arc<ServerConfig>,
     pub resolver: Arc<SniResolver>,
 }
 
@@ -175,7 +175,7 @@ impl Tls {
         // of two costs an extra ticket encryption and record on every login.
         server.send_tls13_tickets = 1;
         Ok(Tls {
-            acceptor: TlsAcceptor::from(Arc::new(server)),
+            config: Arc::new(server),
             resolver,
         })
     }
