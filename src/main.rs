@@ -123,8 +123,16 @@ fn hash_password() -> ExitCode {
         eprintln!("error: no password on standard input");
         return ExitCode::from(2);
     }
-    println!("{}", mailgate::accounts::hash_password(&input));
-    ExitCode::SUCCESS
+    match mailgate::accounts::try_hash_password(&input) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
