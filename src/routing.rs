@@ -271,6 +271,56 @@ pub fn normalize(login: &str, default_domain: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn logins_route_to_their_pools() {
+        let yaml = format!(
+            r#"listeners:
+  - {{ name: plain, protocol: imap, address: "127.0.0.1:0", tls: none }}
+tls: {{ certificates: [] }}
+accounts: {{ source: file, path: "{root}/config/accounts.yaml" }}
+routing:
+  consumer_domains: [skydesk.jp, Skydesk.co.jp]
+  default_domain: skydesk.jp
+  consumer_pool: imap
+  organisation_pool: imappro
+  domain_pools: {{ Big-Customer.example: imappro-2 }}
+pools:
+  imap: {{ imap: ["192.0.2.1:143"], login: {{ mode: passthrough }} }}
+  imappro: {{ imap: ["192.0.2.2:143"], login: {{ mode: passthrough }} }}
+  imappro-2: {{ imap: ["192.0.2.3:143"], login: {{ mode: passthrough }} }}
+"#,
+            root = env!("CARGO_MANIFEST_DIR")
+        );
+        let config = Config::from_yaml(&yaml, std::path::Path::new("test.yaml")).expect("config");
+        let router = Router::from_config(&config).expect("router");
+        let cases = [
+            ("alice", "alice@skydesk.jp", "imap"),
+            ("Alice@SkyDesk.JP", "alice@skydesk.jp", "imap"),
+            ("kenji@skydesk.co.jp", "kenji@skydesk.co.jp", "imap"),
+            ("dave@example.com", "dave@example.com", "imappro"),
+            (
+                "ceo@big-customer.example",
+                "ceo@big-customer.example",
+                "imappro-2",
+            ),
+            (
+                "CEO@BIG-CUSTOMER.EXAMPLE",
+                "ceo@big-customer.example",
+                "imappro-2",
+            ),
+        ];
+        for (login, address, pool) in cases {
+            let route = router.route(login).expect(login);
+            assert_eq!(
+                (route.address.as_str(), route.pool.name.as_str()),
+                (address, pool),
+                "{login}"
+            );
+        }
+        assert!(router.route("no spaces allowed").is_none());
+        assert!(router.route("").is_none());
+    }
+
     fn pool(backends: &[&str]) -> Pool {
         Pool {
             name: "p".into(),

@@ -61,13 +61,20 @@ pub struct Listener {
     pub local_addr: SocketAddr,
     /// This listener's connection counters.
     pub metrics: ListenerMetrics,
+}
+
+/// A listener and its socket. The socket stays with the accept loop alone (connections share
+/// only the `Listener`), so it closes the moment draining begins: new clients are refused at
+/// once instead of waiting in the kernel's accept queue.
+struct Bound {
+    listener: Listener,
     socket: TcpListener,
 }
 
 /// A server with its listeners bound, ready to serve.
 pub struct Server {
     context: Arc<Context>,
-    listeners: Vec<Listener>,
+    listeners: Vec<Bound>,
     /// The bound `/metrics` endpoint, when `metrics.address` is configured.
     metrics_socket: Option<TcpListener>,
     readiness: Arc<Readiness>,
@@ -109,12 +116,14 @@ impl Server {
                 .await
                 .with_context(|| format!("listeners `{}`: cannot bind {}", l.name, l.address))?;
             let local_addr = socket.local_addr()?;
-            listeners.push(Listener {
-                config: l.clone(),
-                local_addr,
-                metrics: metrics
-                    .listener(&l.name)
-                    .with_context(|| format!("listeners `{}`: no metrics", l.name))?,
+            listeners.push(Bound {
+                listener: Listener {
+                    config: l.clone(),
+                    local_addr,
+                    metrics: metrics
+                        .listener(&l.name)
+                        .with_context(|| format!("listeners `{}`: no metrics", l.name))?,
+                },
                 socket,
             });
         }
@@ -151,7 +160,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .map(|l| (l.config.name.clone(), l.local_addr))
+            .map(|b| (b.listener.config.name.clone(), b.listener.local_addr))
             .collect()
     }
 
@@ -185,7 +194,8 @@ impl Server {
                 inner.clone(),
             ));
         }
-        for listener in self.listeners {
+        for bound in self.listeners {
+            let listener = &bound.listener;
             tracing::info!(
                 listener = %listener.config.name,
                 protocol = %listener.config.protocol.as_str(),
@@ -194,7 +204,7 @@ impl Server {
                 "listening"
             );
             tracker.spawn(accept_loop(
-                listener,
+                bound,
                 self.context.clone(),
                 inner.clone(),
                 tracker.clone(),
@@ -267,15 +277,17 @@ async fn probe_smtp(config: &Config, router: &Router, extensions: &BackendExtens
 }
 
 async fn accept_loop(
-    listener: Listener,
+    bound: Bound,
     context: Arc<Context>,
     mut shutdown: Shutdown,
     tracker: TaskTracker,
 ) {
+    let Bound { listener, socket } = bound;
     let listener = Arc::new(listener);
     loop {
         let accepted = tokio::select! {
-            r = listener.socket.accept() => r,
+            r = socket.accept() => r,
+            // Returning drops the socket: the port closes.
             () = shutdown.reached(Phase::Draining) => return,
         };
         match accepted {

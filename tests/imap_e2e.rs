@@ -590,9 +590,18 @@ fn sigterm_lets_a_spliced_session_work_until_the_drain_deadline() {
 import time
 m, r = try_login({port}, "alice", "alice-pass")
 m.select("INBOX")
+# A second client that has not logged in yet.
+waiting = CTX.wrap_socket(socket.create_connection(("127.0.0.1", {port}), 10), server_hostname="imap.skydesk.jp")
+waiting.recv(4096)
 print("ready", flush=True)
 sys.stdin.readline()
 start = time.time()
+waiting.settimeout(3)
+try:
+    said = waiting.recv(4096).decode(errors="replace").strip()
+except Exception as e:
+    said = "nothing: " + type(e).__name__
+print("preauth", said, flush=True)
 for i in range(20):
     try:
         typ, _ = m.noop()
@@ -619,6 +628,11 @@ for i in range(20):
     setup
         .mailgate
         .wait_for_log("draining", Duration::from_secs(5));
+    // Draining: no new connections.
+    assert!(
+        std::net::TcpStream::connect(setup.mailgate.addr("imaps")).is_err(),
+        "a new connection was accepted while draining"
+    );
     let mut stdin = child.stdin.take().expect("stdin");
     let _ = stdin.write_all(b"go\n");
     let mut rest = String::new();
@@ -638,7 +652,13 @@ for i in range(20):
         rest.contains("closed"),
         "the session was not closed at the deadline:\n{rest}"
     );
-    // New connections are refused while draining; the process exits after the drain.
+    // The session that had not logged in was told goodbye when the drain began.
+    assert!(
+        rest.lines()
+            .any(|l| l == "preauth * BYE Server shutting down"),
+        "{rest}"
+    );
+    // The process exits after the drain.
     let status = setup.mailgate.wait_exit(Duration::from_secs(15));
     assert!(
         status.is_some_and(|s| s.success()),
