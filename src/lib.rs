@@ -12,8 +12,11 @@
 //! - `server`: listeners, accept loop, connection tasks, drain; `shutdown`: the phases.
 //! - `tls`: rustls server config, certificate by SNI, development certificate;
 //!   `tls_stream`: the client side's TLS stream, which holds no buffers while idle.
+//! - `preauth`: what both protocols share before login (the listener's TLS mode, STARTTLS,
+//!   the pre-auth deadline and drain, the hand-over to the splice).
 //! - `imap/`, `smtp/`: per protocol, the pure session, the reply mapping, the backend login
-//!   and the connection driver (`proxy`).
+//!   and the pre-auth driver (`proxy`: the session loop, authorize, backend login).
+//! - `backend`: the backend connection (plain or TLS) and the try-the-next-backend loop.
 //! - `accounts/`: account data, password verification and its cache; `policy`: the rules.
 //! - `login`: the outcome words and the authorize step both protocols share.
 //! - `routing`: login → pool → backend order (rendezvous hashing).

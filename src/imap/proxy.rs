@@ -1,5 +1,6 @@
-//! The IMAP connection driver: owns the socket, runs TLS, feeds the pure pre-auth session,
-//! authorizes logins, logs in to the backend and splices.
+//! The IMAP pre-auth driver: feeds the pure session from the socket, authorizes logins, logs
+//! in to the backend in the user's order, and builds the tagged OK for the hand-over.
+//! TLS, STARTTLS, the deadline and the splice itself are `preauth`'s and `server`'s.
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,6 +1,7 @@
-//! The SMTP submission driver: owns the socket, runs TLS, feeds the pure pre-auth session,
-//! authorizes `AUTH`, hands the session to a backend (XCLIENT / master / passthrough) and
-//! splices.
+//! The SMTP submission pre-auth driver: feeds the pure session from the socket (greeting,
+//! early-talker check), authorizes `AUTH`, hands the session to a backend (XCLIENT / master /
+//! passthrough) and builds the 235 for the hand-over. TLS, STARTTLS, the deadline and the
+//! splice itself are `preauth`'s and `server`'s.
 
 use std::future::Future;
 use std::time::Duration;
