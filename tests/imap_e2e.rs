@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
 use common::{run_cmd, run_python, run_python_args, Dovecot, DovecotOpts};
@@ -512,6 +512,63 @@ fn an_unreachable_backend_makes_the_login_try_the_next_in_the_users_order() {
     );
 }
 
+/// A Python client (run with `-c`) that does its setup, prints `ready`, waits for a line on
+/// stdin, then finishes: the test acts in between (stops a backend, signals mailgate).
+struct Paused {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Paused {
+    /// Starts the client and waits (bounded) for its `ready`.
+    #[track_caller]
+    fn start(script: &str, mailgate_log: impl Fn() -> String) -> Paused {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .args(["-u", "-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut line = String::new();
+            while !line.contains("ready") {
+                line.clear();
+                if stdout.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            let _ = tx.send(line);
+            stdout
+        });
+        let line = rx.recv_timeout(CLIENT_TIMEOUT).unwrap_or_default();
+        if !line.contains("ready") {
+            let _ = child.kill();
+        }
+        let stdout = reader.join().expect("reader");
+        assert!(
+            line.contains("ready"),
+            "the client did not get ready: {line:?}\n{}",
+            mailgate_log()
+        );
+        Paused { child, stdout }
+    }
+
+    /// Lets the client go on; everything it printed after `ready`.
+    fn resume(mut self) -> String {
+        use std::io::{Read, Write};
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(b"go\n");
+        }
+        let mut rest = String::new();
+        let _ = self.stdout.read_to_string(&mut rest);
+        let _ = self.child.wait();
+        rest
+    }
+}
+
 #[test]
 fn a_stopped_backend_gives_unavailable_before_login_and_a_prompt_close_after() {
     let mut setup = Setup::start();
@@ -533,33 +590,9 @@ except Exception as e:
 "#,
         port = setup.imaps()
     );
-    let mut child = std::process::Command::new("python3")
-        .args(["-u", "-c", &script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    use std::io::{BufRead, Write};
-    let deadline = Instant::now() + CLIENT_TIMEOUT;
-    while !line.contains("ready") && Instant::now() < deadline {
-        line.clear();
-        if stdout.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-    }
-    assert!(
-        line.contains("ready"),
-        "client did not log in: {line}\n{}",
-        setup.mailgate.log()
-    );
+    let client = Paused::start(&script, || setup.mailgate.log());
     setup.organisation.stop();
-    let mut stdin = child.stdin.take().expect("stdin");
-    let _ = stdin.write_all(b"go\n");
-    let mut rest = String::new();
-    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
-    let _ = child.wait();
+    let rest = client.resume();
     assert!(rest.contains("closed after"), "{rest}");
     let secs: f64 = rest
         .split_ascii_whitespace()
@@ -613,17 +646,7 @@ for i in range(20):
 "#,
         port = setup.imaps()
     );
-    let mut child = std::process::Command::new("python3")
-        .args(["-u", "-c", &script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python");
-    use std::io::{BufRead, Read, Write};
-    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    let _ = stdout.read_line(&mut line);
-    assert!(line.contains("ready"), "{line}\n{}", setup.mailgate.log());
+    let client = Paused::start(&script, || setup.mailgate.log());
     setup.mailgate.signal("TERM");
     setup
         .mailgate
@@ -633,11 +656,7 @@ for i in range(20):
         std::net::TcpStream::connect(setup.mailgate.addr("imaps")).is_err(),
         "a new connection was accepted while draining"
     );
-    let mut stdin = child.stdin.take().expect("stdin");
-    let _ = stdin.write_all(b"go\n");
-    let mut rest = String::new();
-    let _ = stdout.read_to_string(&mut rest);
-    let _ = child.wait();
+    let rest = client.resume();
     // NOOPs keep working for about the drain deadline, then the session is closed.
     let worked: Vec<f64> = rest
         .lines()

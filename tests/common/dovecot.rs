@@ -298,18 +298,8 @@ impl Dovecot {
     /// After `timeout`, with the log.
     #[track_caller]
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.log();
-            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-                return line.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Dovecot log has no {needle:?} after {timeout:?}:\n{log}"
-            );
-            thread::sleep(Duration::from_millis(25));
-        }
+        let log = super::wait_for_text("Dovecot log", needle, timeout, || self.log());
+        super::line_with(&log, needle)
     }
 
     /// Stores `message` into `mailbox` of `user` with `doveadm save`, creating the mailbox if

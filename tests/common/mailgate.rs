@@ -324,18 +324,7 @@ impl Mailgate {
     /// Polls the log for `needle`; returns the log.
     #[track_caller]
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.log();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no `{needle}` in mailgate's log after {timeout:?}:\n{log}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_for_text("mailgate's log", needle, timeout, || self.log())
     }
 
     /// Sends a signal (`"TERM"`, `"INT"`) to the process.

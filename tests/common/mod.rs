@@ -55,6 +55,40 @@ const START_ATTEMPTS: u32 = 3;
 /// The system user that owns test maildirs (Dovecot's `mail_uid`).
 pub const MAIL_USER: &str = "mailgate-test";
 
+/// Polls `read` (a daemon's log) until it contains `needle`; returns the whole text then.
+///
+/// # Panics
+///
+/// After `timeout`, naming `what` and showing the text.
+#[track_caller]
+pub fn wait_for_text(
+    what: &str,
+    needle: &str,
+    timeout: Duration,
+    read: impl Fn() -> String,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = read();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} has no {needle:?} after {timeout:?}:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The first line of `text` that contains `needle` (empty when none does).
+pub fn line_with(text: &str, needle: &str) -> String {
+    text.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Picks `n` distinct free loopback ports.
 ///
 /// All `n` listeners are held until every port is known, so one call never returns the same port

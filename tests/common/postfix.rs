@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -220,18 +219,8 @@ impl Postfix {
     /// After `timeout`, with the log.
     #[track_caller]
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.log();
-            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-                return line.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Postfix log has no {needle:?} after {timeout:?}:\n{log}"
-            );
-            thread::sleep(Duration::from_millis(25));
-        }
+        let log = super::wait_for_text("Postfix log", needle, timeout, || self.log());
+        super::line_with(&log, needle)
     }
 
     /// Stops the daemon (idempotent): `postfix stop`, then `postfix abort` and a kill if the
