@@ -1,5 +1,6 @@
 //! A small IMAP client: enough of the protocol to log in, select, append, idle, fetch a literal
-//! and log out, over any byte stream (plain TCP to seed the backend, TLS to the targets).
+//! and log out, over any byte stream (plain TCP to seed the backend, TLS to the targets), and
+//! to count the FETCH, SEARCH and STATUS answers the mixed workload checks.
 //! Literals in responses are read and counted, never kept; lines are capped.
 
 use std::net::SocketAddr;
@@ -18,12 +19,43 @@ const MAX_LINE: u64 = 64 * 1024;
 pub type Tls = TlsStream<TcpStream>;
 
 /// What a tagged command brought back besides its OK.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Reply {
     /// Bytes of all literals in the untagged responses.
     pub literal_bytes: u64,
     /// `* N EXISTS`, when the server sent one.
     pub exists: Option<u32>,
+    /// How many `* N FETCH` responses came.
+    pub fetches: u32,
+    /// How many numbers a `* SEARCH` response held, when one came.
+    pub search_hits: Option<u32>,
+    /// `MESSAGES` of a `* STATUS` response, when one came (`Some(None)`: without MESSAGES).
+    pub status_messages: Option<Option<u32>>,
+}
+
+impl Reply {
+    /// Takes note of one response line (the first line of a response, before any literal).
+    fn note(&mut self, line: &[u8]) {
+        match untagged(line) {
+            Some(Untagged::Exists(n)) => self.exists = Some(n),
+            Some(Untagged::Fetch) => self.fetches += 1,
+            Some(Untagged::Search(hits)) => self.search_hits = Some(hits),
+            Some(Untagged::Status { messages }) => self.status_messages = Some(messages),
+            None => {}
+        }
+    }
+}
+
+/// The untagged responses the bench looks at.
+#[derive(Debug, PartialEq, Eq)]
+enum Untagged {
+    Exists(u32),
+    Fetch,
+    /// The number of hits.
+    Search(u32),
+    Status {
+        messages: Option<u32>,
+    },
 }
 
 pub struct Client<S> {
@@ -128,6 +160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let mut reply = Reply::default();
         loop {
             self.read_line().await?;
+            reply.note(&self.line);
             // A response line may end in a literal, after which the same response goes on.
             while let Some(size) = literal_size(&self.line) {
                 let copied =
@@ -138,9 +171,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 self.read_line().await?;
             }
             let line = &self.line;
-            if let Some(n) = exists(line) {
-                reply.exists = Some(n);
-            }
             if let Some(status) = line
                 .strip_prefix(tag.as_bytes())
                 .and_then(|rest| rest.strip_prefix(b" "))
@@ -222,16 +252,44 @@ fn literal_size(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-/// `* N EXISTS`.
-fn exists(line: &[u8]) -> Option<u32> {
-    let text = std::str::from_utf8(line).ok()?;
-    let mut words = text.trim_end().split(' ');
-    match (words.next(), words.next(), words.next(), words.next()) {
-        (Some("*"), Some(n), Some(word), None) if word.eq_ignore_ascii_case("EXISTS") => {
-            n.parse().ok()
-        }
-        _ => None,
+/// `* N EXISTS`, `* N FETCH (…`, `* SEARCH n…`, `* STATUS mailbox (…)`; other lines are
+/// `None`.
+fn untagged(line: &[u8]) -> Option<Untagged> {
+    let text = std::str::from_utf8(line).ok()?.trim_end();
+    let rest = text.strip_prefix("* ")?;
+    let (first, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+    if first.eq_ignore_ascii_case("SEARCH") {
+        let hits = rest.split_ascii_whitespace().take_while(|w| is_number(w));
+        return Some(Untagged::Search(u32::try_from(hits.count()).ok()?));
     }
+    if first.eq_ignore_ascii_case("STATUS") {
+        // The mailbox name may be quoted and hold spaces: the attributes are the last (…).
+        let open = rest.rfind('(')?;
+        let inner = rest.get(open + 1..)?.strip_suffix(')')?;
+        let words: Vec<&str> = inner.split_ascii_whitespace().collect();
+        let messages = words
+            .chunks(2)
+            .find(|pair| {
+                pair.first()
+                    .is_some_and(|k| k.eq_ignore_ascii_case("MESSAGES"))
+            })
+            .and_then(|pair| pair.get(1))
+            .and_then(|v| v.parse().ok());
+        return Some(Untagged::Status { messages });
+    }
+    let n: u32 = first.parse().ok()?;
+    let word = rest.split(' ').next()?;
+    if word.eq_ignore_ascii_case("EXISTS") && rest.len() == word.len() {
+        Some(Untagged::Exists(n))
+    } else if word.eq_ignore_ascii_case("FETCH") {
+        Some(Untagged::Fetch)
+    } else {
+        None
+    }
+}
+
+fn is_number(word: &str) -> bool {
+    !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// An IMAP quoted string (the bench's names and passwords hold no CR/LF).
@@ -265,10 +323,67 @@ mod tests {
     }
 
     #[test]
-    fn exists_lines() {
-        assert_eq!(exists(b"* 201 EXISTS\r\n"), Some(201));
-        assert_eq!(exists(b"* 3 RECENT\r\n"), None);
-        assert_eq!(exists(b"* OK [UIDNEXT 4] Predicted next UID\r\n"), None);
+    fn untagged_lines() {
+        use Untagged::*;
+        let cases: &[(&[u8], Option<Untagged>)] = &[
+            (b"* 201 EXISTS\r\n", Some(Exists(201))),
+            (b"* 201 exists\r\n", Some(Exists(201))),
+            (b"* 3 RECENT\r\n", None),
+            (b"* OK [UIDNEXT 4] Predicted next UID\r\n", None),
+            (b"* 7 FETCH (UID 7 FLAGS (\\Seen))\r\n", Some(Fetch)),
+            (
+                b"* 12 FETCH (UID 12 BODY[HEADER.FIELDS (FROM SUBJECT DATE)] {95}\r\n",
+                Some(Fetch),
+            ),
+            (b"* SEARCH 1 2 3 200\r\n", Some(Search(4))),
+            (b"* SEARCH\r\n", Some(Search(0))),
+            (b"* SEARCH \r\n", Some(Search(0))),
+            (
+                b"* STATUS INBOX (MESSAGES 201 UNSEEN 190)\r\n",
+                Some(Status {
+                    messages: Some(201),
+                }),
+            ),
+            (
+                b"* STATUS \"My (old) box\" (UNSEEN 3 MESSAGES 9)\r\n",
+                Some(Status { messages: Some(9) }),
+            ),
+            (
+                b"* STATUS INBOX (UNSEEN 3)\r\n",
+                Some(Status { messages: None }),
+            ),
+            (b"* STATUS INBOX\r\n", None),
+            (b"t4 OK Fetch completed.\r\n", None),
+            (b"* 5 EXPUNGE\r\n", None),
+            (b"\xff\xfe\r\n", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(&untagged(line), want, "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn reply_notes_counts() {
+        let mut reply = Reply::default();
+        for line in [
+            &b"* 1 FETCH (UID 1 FLAGS ())\r\n"[..],
+            b"* 2 FETCH (UID 2 FLAGS ())\r\n",
+            b"* 2 EXISTS\r\n",
+            b"* SEARCH 1 2\r\n",
+            b"* STATUS INBOX (MESSAGES 2 UNSEEN 2)\r\n",
+        ] {
+            reply.note(line);
+        }
+        assert_eq!(
+            reply,
+            Reply {
+                literal_bytes: 0,
+                exists: Some(2),
+                fetches: 2,
+                search_hits: Some(2),
+                status_messages: Some(Some(2)),
+            }
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The measured workloads, each against one target and bounded in time or count:
 //! logins (C clients looping connect + TLS + LOGIN + LOGOUT), idle sessions (LOGIN, SELECT,
-//! IDLE, held open), bulk FETCH of the 10 MiB message, and NOOP round trips.
+//! IDLE, held open), bulk FETCH of the 10 MiB message, NOOP round trips, and the mixed
+//! workload (C logged-in sessions looping over a mail client's commands, [`crate::mix`]).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -15,7 +17,8 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 use crate::imap::{self, Client, Tls};
-use crate::setup::{password, user};
+use crate::mix::{Mix, Op};
+use crate::setup::{password, user, MESSAGES, MESSAGE_USERS};
 use crate::tls::Negotiated;
 
 /// The longest any one step (connect, handshake, command) may take.
@@ -24,6 +27,8 @@ const OP_TIMEOUT: Duration = Duration::from_secs(30);
 const SMALL_BUFFER: usize = 4 * 1024;
 /// Read buffer of the bulk client.
 const BULK_BUFFER: usize = 256 * 1024;
+/// Read buffer of a mixed-workload client (a header fetch brings a few KiB).
+const MIXED_BUFFER: usize = 16 * 1024;
 
 /// How to reach one target.
 #[derive(Clone)]
@@ -263,6 +268,158 @@ pub async fn noops(conn: &Conn, count: usize) -> Result<Vec<Duration>> {
     Ok(times)
 }
 
+/// One logged-in session of the mixed workload, INBOX selected.
+pub struct MixedSession {
+    client: Client<Tls>,
+    /// Messages in INBOX (nobody adds or removes any during a run).
+    exists: u32,
+    mix: Mix,
+}
+
+/// The sessions of a mixed-workload run, and the ones that could not be opened.
+pub struct MixedSessions {
+    pub sessions: Vec<MixedSession>,
+    pub failed: usize,
+    pub first_error: Option<String>,
+}
+
+/// Opens `clients` sessions at once, session `k` as user `1 + k % 5` (the users holding
+/// messages), each logged in with INBOX selected; its operations come from seed `seed + k`.
+pub async fn open_mixed(conn: &Conn, clients: usize, seed: u64) -> MixedSessions {
+    let mut tasks = JoinSet::new();
+    for k in 0..clients {
+        let conn = conn.clone();
+        let i = 1 + (k as u32) % MESSAGE_USERS;
+        tasks.spawn(async move {
+            let mut client = conn.session(i, MIXED_BUFFER).await?;
+            let exists = step(client.select("INBOX")).await?;
+            // User 1's 10 MiB message comes after its small ones and is never fetched whole.
+            let small = exists.min(MESSAGES);
+            ensure!(
+                small > 0,
+                "user {i} has no messages (reseed: remove the cache)"
+            );
+            Ok::<_, anyhow::Error>(MixedSession {
+                client,
+                exists,
+                mix: Mix::new(seed.wrapping_add(k as u64), small),
+            })
+        });
+    }
+    let mut out = MixedSessions {
+        sessions: Vec::with_capacity(clients),
+        failed: 0,
+        first_error: None,
+    };
+    while let Some(done) = tasks.join_next().await {
+        match done.map_err(anyhow::Error::from).and_then(|r| r) {
+            Ok(session) => out.sessions.push(session),
+            Err(e) => {
+                out.failed += 1;
+                out.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    out
+}
+
+#[derive(Debug, Default)]
+pub struct MixedRun {
+    /// Round trips answered OK and as expected.
+    pub ops: u64,
+    /// Sessions that stopped on an error (a failed or wrong answer ends its session's loop).
+    pub failed: u64,
+    pub elapsed: Duration,
+    pub first_error: Option<String>,
+    /// Per kind of operation ([`Op::name`]): how many, and their round trips' total time.
+    pub by_op: BTreeMap<&'static str, (u64, Duration)>,
+}
+
+impl MixedRun {
+    /// `name mean-µs` per kind of operation, slowest first.
+    pub fn latencies(&self) -> String {
+        let mut means: Vec<(&str, f64)> = self
+            .by_op
+            .iter()
+            .map(|(name, (n, total))| (*name, total.as_secs_f64() * 1e6 / (*n).max(1) as f64))
+            .collect();
+        means.sort_by(|a, b| b.1.total_cmp(&a.1));
+        means
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn per_second(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Every session loops over its operations, one round trip at a time, until `duration` is
+/// over. Returns the figures and the sessions still good (to be closed unmeasured).
+pub async fn mixed(
+    sessions: Vec<MixedSession>,
+    duration: Duration,
+) -> (MixedRun, Vec<MixedSession>) {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = JoinSet::new();
+    for mut session in sessions {
+        tasks.spawn(async move {
+            let mut by_op: BTreeMap<&'static str, (u64, Duration)> = BTreeMap::new();
+            while Instant::now() < deadline {
+                let op = session.mix.next_op();
+                let sent = Instant::now();
+                if let Err(e) = one_op(&mut session, op).await {
+                    return (by_op, Err(format!("{}: {e:#}", op.command())));
+                }
+                let entry = by_op.entry(op.name()).or_default();
+                entry.0 += 1;
+                entry.1 += sent.elapsed();
+            }
+            (by_op, Ok(session))
+        });
+    }
+    let mut run = MixedRun::default();
+    let mut good = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (by_op, outcome) = match done {
+            Ok(done) => done,
+            Err(e) => (BTreeMap::new(), Err(format!("task: {e}"))),
+        };
+        for (name, (n, time)) in by_op {
+            run.ops += n;
+            let entry = run.by_op.entry(name).or_default();
+            entry.0 += n;
+            entry.1 += time;
+        }
+        match outcome {
+            Ok(session) => good.push(session),
+            Err(e) => {
+                run.failed += 1;
+                run.first_error.get_or_insert(e);
+            }
+        }
+    }
+    run.elapsed = start.elapsed();
+    (run, good)
+}
+
+async fn one_op(session: &mut MixedSession, op: Op) -> Result<()> {
+    let reply = step(session.client.run(&op.command())).await?;
+    op.check(&reply, session.exists)
+}
+
+/// LOGOUT of every session, at once; errors do not matter any more.
+pub async fn close_mixed(sessions: Vec<MixedSession>) {
+    let mut tasks = JoinSet::new();
+    for mut session in sessions {
+        tasks.spawn(async move { step(session.client.logout()).await });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +436,14 @@ mod tests {
         let users = Users::cycle(1, 3);
         let taken: Vec<Option<u32>> = (0..5).map(|_| users.take()).collect();
         assert_eq!(taken, [Some(1), Some(2), Some(3), Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn latencies_slowest_first() {
+        let mut run = MixedRun::default();
+        run.by_op.insert("NOOP", (4, Duration::from_micros(400)));
+        run.by_op.insert("STATUS", (2, Duration::from_micros(600)));
+        run.by_op.insert("SELECT", (0, Duration::ZERO));
+        assert_eq!(run.latencies(), "STATUS 300, NOOP 100, SELECT 0");
     }
 }

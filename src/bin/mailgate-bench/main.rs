@@ -3,8 +3,9 @@
 //!
 //! `mailgate-bench run` starts a seeded Dovecot backend and, in front of it, mailgate, nginx's
 //! mail proxy and (as the floor) Dovecot's own implicit-TLS listener, all with one certificate;
-//! measures logins/s and CPU per login, idle memory per session, bulk FETCH throughput and NOOP
-//! latency against each, interleaved round-robin over several repetitions; and prints a table
+//! measures logins/s and CPU per login, idle memory per session, bulk FETCH throughput, NOOP
+//! latency and mixed-workload ops/s against each, interleaved round-robin over several
+//! repetitions; and prints a table
 //! of medians and ratios (also written to `--out`). Every phase is bounded; everything started
 //! is stopped on exit, error, Ctrl-C or SIGTERM.
 
@@ -12,6 +13,7 @@ mod authhttp;
 mod daemons;
 mod imap;
 mod load;
+mod mix;
 mod procfs;
 mod report;
 mod run;

@@ -49,6 +49,12 @@ pub enum Metric {
     /// Derived per repetition: this target's figure minus direct's.
     NoopMedianAddedUs,
     NoopP99AddedUs,
+    /// Mixed workload: round trips per second over all sessions.
+    MixedOps,
+    /// Mixed workload: the target's own processes (as for logins), ms per 1,000 round trips.
+    MixedCpu,
+    /// Mixed workload: the Dovecot backend, ms per 1,000 round trips.
+    MixedBackendCpu,
     ResumedPercent,
 }
 
@@ -139,6 +145,24 @@ const ROWS: &[Row] = &[
         label: "NOOP p99 added over direct, µs",
         decimals: 0,
         ratios: false,
+    },
+    Row {
+        metric: Metric::MixedOps,
+        label: "ops/s, mixed workload ⁴",
+        decimals: 0,
+        ratios: true,
+    },
+    Row {
+        metric: Metric::MixedCpu,
+        label: "target CPU ms per 1,000 mixed ops ¹",
+        decimals: 1,
+        ratios: true,
+    },
+    Row {
+        metric: Metric::MixedBackendCpu,
+        label: "Dovecot CPU ms per 1,000 mixed ops",
+        decimals: 1,
+        ratios: true,
     },
     Row {
         metric: Metric::ResumedPercent,
@@ -351,6 +375,7 @@ impl Results {
         for (metric, what) in [
             (Metric::LoginsFirst, "logins/s, first logins"),
             (Metric::LoginsRepeat, "logins/s, repeat logins"),
+            (Metric::MixedOps, "ops/s, mixed workload"),
         ] {
             let pair = m(metric).zip(n(metric));
             rows.push((
@@ -436,5 +461,32 @@ mod tests {
         assert!(r
             .checks()
             .contains("| bulk FETCH throughput | ≥ 3 × nginx | 600 vs 200 MiB/s = 3.00× | met |"));
+    }
+
+    #[test]
+    fn mixed_workload_row_and_check() {
+        let mut r = Results::default();
+        r.record(Metric::MixedOps, Kind::Mailgate, 0, 2850.0);
+        r.record(Metric::MixedOps, Kind::Nginx, 0, 3000.0);
+        r.record(Metric::MixedOps, Kind::Direct, 0, 3100.0);
+        let table = r.table(&Kind::ALL);
+        assert!(
+            table.contains("| ops/s, mixed workload ⁴ | 2850 | 3000 | 3100 | 0.95× | 0.92× |"),
+            "{table}"
+        );
+        let checks = r.checks();
+        assert!(
+            checks.contains(
+                "| ops/s, mixed workload | ≥ nginx (floor; noise 10–30 %) | 2850 vs 3000 = 0.95× | **missed** |"
+            ),
+            "{checks}"
+        );
+        assert!(
+            checks.contains("| … (difference within run-to-run noise) |  | 5 % below |  |"),
+            "{checks}"
+        );
+        r.record(Metric::MixedOps, Kind::Mailgate, 1, 3300.0);
+        r.record(Metric::MixedOps, Kind::Mailgate, 2, 3200.0);
+        assert!(r.checks().contains("| 3200 vs 3000 = 1.07× | met |"));
     }
 }

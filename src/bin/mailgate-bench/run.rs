@@ -17,7 +17,8 @@ use crate::tls::{self, TlsChoice};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Small and fast: 1 repetition, 2 s login phases, 200 idle sessions, 1 s bulk, 300 NOOPs.
+    /// Small and fast: 1 repetition, 2 s login phases, 200 idle sessions, 1 s bulk, 300 NOOPs,
+    /// 8 mixed-workload clients for 2 s.
     #[arg(long)]
     quick: bool,
     /// Repetitions of every phase (default 3; --quick 1).
@@ -44,6 +45,12 @@ pub struct Args {
     /// Timed NOOP round trips (default 2000; --quick 300).
     #[arg(long)]
     noops: Option<usize>,
+    /// Concurrent sessions in the mixed-workload phase (default 16; --quick 8).
+    #[arg(long)]
+    mixed_clients: Option<usize>,
+    /// Seconds of the mixed-workload phase (default 5; --quick 2).
+    #[arg(long)]
+    mixed_secs: Option<f64>,
     /// Users in the account data and the backend.
     #[arg(long, default_value_t = 5000)]
     users: u32,
@@ -101,6 +108,8 @@ struct Plan {
     repeat_users: u32,
     bulk: Duration,
     noops: usize,
+    mixed_clients: usize,
+    mixed: Duration,
     users: u32,
     kinds: Vec<Kind>,
 }
@@ -122,6 +131,8 @@ impl Plan {
             repeat_users: a.repeat_users.max(1),
             bulk: Duration::from_secs_f64(a.bulk_secs.unwrap_or(if q { 1.0 } else { 3.0 })),
             noops: a.noops.unwrap_or(if q { 300 } else { 2000 }).max(1),
+            mixed_clients: a.mixed_clients.unwrap_or(if q { 8 } else { 16 }).max(1),
+            mixed: Duration::from_secs_f64(a.mixed_secs.unwrap_or(if q { 2.0 } else { 5.0 })),
             users: a.users,
             kinds,
         };
@@ -304,6 +315,7 @@ enum Phase {
     RepeatLogins,
     Bulk,
     Noop,
+    Mixed,
 }
 
 impl Phase {
@@ -313,6 +325,7 @@ impl Phase {
             Phase::RepeatLogins => "repeat logins",
             Phase::Bulk => "bulk FETCH",
             Phase::Noop => "NOOP latency",
+            Phase::Mixed => "mixed ops",
         }
     }
 }
@@ -479,7 +492,62 @@ impl Bench {
                     us.len()
                 );
             }
+            Phase::Mixed => self.mixed(&who, &conn, kind, rep).await?,
         }
+        Ok(())
+    }
+
+    /// The mixed workload: the sessions log in (unmeasured), then loop over the mix; CPU is
+    /// read around the loop only. Every target gets the same operations in a repetition.
+    async fn mixed(&mut self, who: &str, conn: &Conn, kind: Kind, rep: usize) -> Result<()> {
+        let opened = load::open_mixed(conn, self.plan.mixed_clients, rep as u64 * 1000).await;
+        if opened.failed > 0 {
+            self.problem(
+                who,
+                &format!(
+                    "{} of {} sessions failed to open: {}",
+                    opened.failed,
+                    self.plan.mixed_clients,
+                    opened.first_error.unwrap_or_default()
+                ),
+            );
+        }
+        if opened.sessions.is_empty() {
+            bail!("no session opened");
+        }
+        let sessions = opened.sessions.len();
+        let before = self.cpu(kind);
+        let (run, good) = load::mixed(opened.sessions, self.plan.mixed).await;
+        let after = self.cpu(kind);
+        load::close_mixed(good).await;
+        self.lab.check_alive()?;
+        if run.failed > 0 {
+            self.problem(
+                who,
+                &format!(
+                    "{} of {sessions} sessions stopped on an error: {}",
+                    run.failed,
+                    run.first_error.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+        if run.ops == 0 {
+            bail!("no operation succeeded");
+        }
+        let target = after.0.saturating_sub(before.0) + after.1.saturating_sub(before.1);
+        let backend = after.2.saturating_sub(before.2);
+        let per_1000 = |ticks| ms_per(ticks, self.clk, run.ops) * 1000.0;
+        let (ops_s, cpu, dovecot) = (run.per_second(), per_1000(target), per_1000(backend));
+        self.results.record(Metric::MixedOps, kind, rep, ops_s);
+        self.results.record(Metric::MixedCpu, kind, rep, cpu);
+        self.results
+            .record(Metric::MixedBackendCpu, kind, rep, dovecot);
+        println!(
+            "{who}: {:>6} ops on {sessions} sessions in {:.1} s = {ops_s:>6.0}/s; CPU ms/1,000 ops: target {cpu:.1}, Dovecot {dovecot:.1}; mean µs: {}",
+            run.ops,
+            run.elapsed.as_secs_f64(),
+            run.latencies(),
+        );
         Ok(())
     }
 
@@ -678,6 +746,7 @@ async fn bench(args: Args) -> Result<()> {
             Phase::RepeatLogins,
             Phase::Bulk,
             Phase::Noop,
+            Phase::Mixed,
         ] {
             for &kind in &order {
                 if let Err(e) = bench.phase(phase, kind, rep).await {
@@ -734,6 +803,7 @@ async fn bench(args: Args) -> Result<()> {
 const FOOTNOTES: &str = "¹ CPU (user + system, from `/proc/PID/stat`) of the target's own processes per successful login: mailgate's process (TLS, account check with argon2id or its cache, backend login); nginx's master and workers **plus its auth_http responder**; for direct, all of Dovecot (which is also the backend). The backend's share is the Dovecot row.  \n\
 ² RSS (`VmRSS` summed over the target's process tree) after opening N sessions minus before, divided by N; the target is restarted just before, and each of the sessions' users logs in (and out) once before \"before\" is read, so one-off costs such as mailgate's argon2 runs are not spread over the sessions. For direct this counts Dovecot's one `imap` process per session.  \n\
 ³ The same restart, before any session is open: RSS after each of the idle users (`--repeat-users`) logged in once, minus RSS right after the restart. Not per session, but memory the process keeps.  \n\
+⁴ C sessions (users 1–5, INBOX of 200 small messages) logged in before the clock starts, each looping one command at a time over a mail client's mix: NOOP 4, header fetch of 20 messages 3, `FETCH n BODY.PEEK[]` of one small message 3, `UID FETCH 1:* (FLAGS)` 2, `UID SEARCH UNSEEN` 2, `STATUS INBOX` 2, `SELECT INBOX` 1 (weights of 17); every answer checked; each round trip one op. The same seeded sequence on every target in a repetition. CPU is read around the loop only (no logins in it).  \n\
 Load generator and targets share the machine's cores: read the figures as ratios within this run.";
 
 fn rotate(kinds: &[Kind], rep: usize) -> Vec<Kind> {
@@ -826,14 +896,16 @@ fn header(plan: &Plan, args: &Args, env: &Env) -> String {
     );
     let _ = writeln!(
         h,
-        "- load: {} repetitions, round-robin; logins: {} clients × {:.0} s (first: each user once; repeat: {} users round and round); idle: {} sessions (LOGIN, SELECT INBOX, IDLE) after a restart; bulk: FETCH BODY.PEEK[] of a 10 MiB message for {:.0} s; latency: {} NOOPs on one session",
+        "- load: {} repetitions, round-robin; logins: {} clients × {:.0} s (first: each user once; repeat: {} users round and round); idle: {} sessions (LOGIN, SELECT INBOX, IDLE) after a restart; bulk: FETCH BODY.PEEK[] of a 10 MiB message for {:.0} s; latency: {} NOOPs on one session; mixed workload: {} sessions × {:.0} s",
         plan.reps,
         plan.clients,
         plan.login.as_secs_f64(),
         plan.repeat_users,
         plan.idle_sessions,
         plan.bulk.as_secs_f64(),
-        plan.noops
+        plan.noops,
+        plan.mixed_clients,
+        plan.mixed.as_secs_f64(),
     );
     h
 }
@@ -853,6 +925,8 @@ mod tests {
             repeat_users: 100,
             bulk: Duration::ZERO,
             noops: 1,
+            mixed_clients: 1,
+            mixed: Duration::ZERO,
             users: 5000,
             kinds: Kind::ALL.to_vec(),
         };

@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -124,10 +125,29 @@ fn marker(mail_root: &Path, users: u32) -> PathBuf {
     mail_root.join(format!(".seeded-{LAYOUT}-{users}"))
 }
 
-/// Makes `mail_root` ready for Dovecot: kept when seeded for this many users, otherwise made
+/// Makes `mail_root` ready for Dovecot: kept when seeded for this many users (given back to the
+/// mail user if a copy made it someone else's: Dovecot then fails every SELECT), otherwise made
 /// anew (empty, owned by the mail user). Returns whether it must be seeded.
 pub fn prepare_mail_root(mail_root: &Path, users: u32, uid: u32, gid: u32) -> Result<bool> {
     if marker(mail_root, users).exists() {
+        let owner = std::fs::metadata(mail_root)
+            .with_context(|| format!("reading {}", mail_root.display()))?
+            .uid();
+        if owner != uid {
+            println!(
+                "setup: {} belongs to uid {owner}, not the mail user's {uid}: chown -R",
+                mail_root.display()
+            );
+            let status = Command::new("chown")
+                .arg("-R")
+                .arg(format!("{uid}:{gid}"))
+                .arg(mail_root)
+                .status()
+                .context("chown -R")?;
+            if !status.success() {
+                bail!("chown -R {uid}:{gid} {}: {status}", mail_root.display());
+            }
+        }
         return Ok(false);
     }
     if mail_root.exists() {
