@@ -2,7 +2,6 @@
 //! in to the backend in the user's order, and builds the tagged OK for the hand-over.
 //! TLS, STARTTLS, the deadline and the splice itself are `preauth`'s and `server`'s.
 
-use std::future::Future;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -31,124 +30,108 @@ impl Driver for Imap {
         idle: b"* BYE Idle for too long\r\n",
     };
 
-    fn session<S>(
+    /// Runs the pre-auth session on `stream` until it ends in STARTTLS, a login accepted by a
+    /// backend, or the end of the session.
+    async fn session<S>(
         &self,
         conn: &mut Connection,
         log: &mut SessionLog,
-        stream: S,
+        mut stream: S,
         mode: Mode,
         deadline: Instant,
-    ) -> impl Future<Output = PreauthEnd<S>> + Send
+    ) -> PreauthEnd<S>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Into<ClientStream>,
     {
-        session(conn, log, stream, mode, deadline)
-    }
-}
-
-/// Runs the pre-auth session on `stream` until it ends in STARTTLS, a login accepted by a
-/// backend, or the end of the session.
-async fn session<S>(
-    conn: &mut Connection,
-    log: &mut SessionLog,
-    mut stream: S,
-    mode: Mode,
-    deadline: Instant,
-) -> PreauthEnd<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Into<ClientStream>,
-{
-    let mut session = PreAuth::new(SessionConfig {
-        tls_active: mode.tls_active,
-        starttls_offered: mode.starttls_offered,
-    });
-    let mut pending: Vec<u8> = if mode.greet {
-        session.greeting()
-    } else {
-        Vec::new()
-    };
-    let mut step = session.input(&[]);
-    let mut attempts = 0u32;
-    let max_attempts = conn.context.config.limits.max_auth_attempts;
-    let mut buf = vec![0u8; 4096];
-    loop {
-        pending.append(&mut step.write);
-        if !pending.is_empty() {
-            if write(&mut stream, &pending).await.is_err() {
-                log.end = "client_gone";
-                return PreauthEnd::Done;
-            }
-            pending.clear();
-        }
-        step = match step.event.take() {
-            None => {
-                match preauth::read(
-                    conn,
-                    log,
-                    &mut stream,
-                    &mut buf,
-                    deadline,
-                    &<Imap as Driver>::GOODBYES,
-                )
-                .await
-                {
-                    Some(n) => session.input(buf.get(..n).unwrap_or_default()),
-                    None => return PreauthEnd::Done,
-                }
-            }
-            Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
-            Some(Event::TlsRequired) => {
-                log.result = LoginResult::TlsRequired.as_str();
-                conn.context
-                    .count_login(Protocol::Imap, None, LoginResult::TlsRequired);
-                session.input(&[])
-            }
-            Some(Event::Logout) => {
-                log.end = "logout";
-                return PreauthEnd::Done;
-            }
-            Some(Event::Close) => {
-                log.end = "protocol_error";
-                return PreauthEnd::Done;
-            }
-            Some(Event::Login(credentials)) => {
-                attempts += 1;
-                log.user = Some(credentials.username.clone());
-                match log_in(conn, &session, &credentials).await {
-                    Ok((grant, address, backend)) => {
-                        log.backend = Some(address);
-                        log.result = LoginResult::Ok.as_str();
-                        let pool = Some(grant.route.pool.name.as_str());
-                        conn.context
-                            .metrics
-                            .login(Protocol::Imap, pool, LoginResult::Ok);
-                        let mut reply = reply::logged_in(&credentials.tag, &backend.capabilities);
-                        reply.extend_from_slice(&backend.leftover);
-                        return PreauthEnd::LoggedIn(Box::new(LoggedIn {
-                            client: stream.into(),
-                            grant,
-                            backend: backend.stream,
-                            reply,
-                            pipelined: session.into_pipelined(),
-                        }));
-                    }
-                    Err(result) => {
-                        log.result = result.as_str();
-                        let name = Some(credentials.username.as_str());
-                        conn.context.count_login(Protocol::Imap, name, result);
-                        pending =
-                            reply::refused(&credentials.tag, result, &conn.context.config.messages);
-                        if attempts >= max_attempts {
-                            pending.extend_from_slice(b"* BYE Too many failed logins\r\n");
-                            let _ = write(&mut stream, &pending).await;
-                            log.end = "too_many_attempts";
-                            return PreauthEnd::Done;
-                        }
-                        session.input(&[])
-                    }
-                }
-            }
+        let mut session = PreAuth::new(SessionConfig {
+            tls_active: mode.tls_active,
+            starttls_offered: mode.starttls_offered,
+        });
+        let mut pending: Vec<u8> = if mode.greet {
+            session.greeting()
+        } else {
+            Vec::new()
         };
+        let mut step = session.input(&[]);
+        let mut attempts = 0u32;
+        let max_attempts = conn.context.config.limits.max_auth_attempts;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            pending.append(&mut step.write);
+            if !pending.is_empty() {
+                if write(&mut stream, &pending).await.is_err() {
+                    log.end = "client_gone";
+                    return PreauthEnd::Done;
+                }
+                pending.clear();
+            }
+            step = match step.event.take() {
+                None => {
+                    match preauth::read(conn, log, &mut stream, &mut buf, deadline, &Self::GOODBYES)
+                        .await
+                    {
+                        Some(n) => session.input(buf.get(..n).unwrap_or_default()),
+                        None => return PreauthEnd::Done,
+                    }
+                }
+                Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
+                Some(Event::TlsRequired) => {
+                    log.result = LoginResult::TlsRequired.as_str();
+                    conn.context
+                        .count_login(Protocol::Imap, None, LoginResult::TlsRequired);
+                    session.input(&[])
+                }
+                Some(Event::Logout) => {
+                    log.end = "logout";
+                    return PreauthEnd::Done;
+                }
+                Some(Event::Close) => {
+                    log.end = "protocol_error";
+                    return PreauthEnd::Done;
+                }
+                Some(Event::Login(credentials)) => {
+                    attempts += 1;
+                    log.user = Some(credentials.username.clone());
+                    match log_in(conn, &session, &credentials).await {
+                        Ok((grant, address, backend)) => {
+                            log.backend = Some(address);
+                            log.result = LoginResult::Ok.as_str();
+                            let pool = Some(grant.route.pool.name.as_str());
+                            conn.context
+                                .metrics
+                                .login(Protocol::Imap, pool, LoginResult::Ok);
+                            let mut reply =
+                                reply::logged_in(&credentials.tag, &backend.capabilities);
+                            reply.extend_from_slice(&backend.leftover);
+                            return PreauthEnd::LoggedIn(Box::new(LoggedIn {
+                                client: stream.into(),
+                                grant,
+                                backend: backend.stream,
+                                reply,
+                                pipelined: session.into_pipelined(),
+                            }));
+                        }
+                        Err(result) => {
+                            log.result = result.as_str();
+                            let name = Some(credentials.username.as_str());
+                            conn.context.count_login(Protocol::Imap, name, result);
+                            pending = reply::refused(
+                                &credentials.tag,
+                                result,
+                                &conn.context.config.messages,
+                            );
+                            if attempts >= max_attempts {
+                                pending.extend_from_slice(b"* BYE Too many failed logins\r\n");
+                                let _ = write(&mut stream, &pending).await;
+                                log.end = "too_many_attempts";
+                                return PreauthEnd::Done;
+                            }
+                            session.input(&[])
+                        }
+                    }
+                }
+            };
+        }
     }
 }
 

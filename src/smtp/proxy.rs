@@ -3,7 +3,6 @@
 //! passthrough) and builds the 235 for the hand-over. TLS, STARTTLS, the deadline and the
 //! splice itself are `preauth`'s and `server`'s.
 
-use std::future::Future;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -33,143 +32,123 @@ impl Driver for Smtp {
         idle: b"421 4.4.2 Idle for too long\r\n",
     };
 
-    fn session<S>(
+    /// Runs the pre-auth session until STARTTLS, an AUTH the backend took, or the end.
+    async fn session<S>(
         &self,
         conn: &mut Connection,
         log: &mut SessionLog,
-        stream: S,
+        mut stream: S,
         mode: Mode,
         deadline: Instant,
-    ) -> impl Future<Output = PreauthEnd<S>> + Send
+    ) -> PreauthEnd<S>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Into<ClientStream>,
     {
-        session(conn, log, stream, mode, deadline)
-    }
-}
-
-/// Runs the pre-auth session until STARTTLS, an AUTH the backend took, or the end.
-async fn session<S>(
-    conn: &mut Connection,
-    log: &mut SessionLog,
-    mut stream: S,
-    mode: Mode,
-    deadline: Instant,
-) -> PreauthEnd<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Into<ClientStream>,
-{
-    let context = conn.context.clone();
-    let mut session = PreAuth::new(SessionConfig {
-        hostname: context.hostname.clone(),
-        tls_active: mode.tls_active,
-        starttls_offered: mode.starttls_offered,
-        backend_extensions: context.smtp_extensions.offered().as_ref().clone(),
-    });
-    let mut buf = vec![0u8; 4096];
-    if mode.greet {
-        // A client that talks before the greeting is not speaking SMTP (or is a spam bot
-        // racing the server): refuse it without reading what it sent.
-        if let Some(Ok(n)) = poll_once(stream.read(&mut buf)).await {
-            if n > 0 {
-                goodbye(&mut stream, reply::early_talker()).await;
-                log.end = "early_talker";
-                return PreauthEnd::Done;
-            }
-        }
-        if write(&mut stream, &session.greeting()).await.is_err() {
-            log.end = "client_gone";
-            return PreauthEnd::Done;
-        }
-    }
-    let mut step = session.input(&[]);
-    let mut attempts = 0u32;
-    let max_attempts = context.config.limits.max_auth_attempts;
-    loop {
-        if !step.write.is_empty() && write(&mut stream, &step.write).await.is_err() {
-            log.end = "client_gone";
-            return PreauthEnd::Done;
-        }
-        step = match step.event.take() {
-            None => {
-                match preauth::read(
-                    conn,
-                    log,
-                    &mut stream,
-                    &mut buf,
-                    deadline,
-                    &<Smtp as Driver>::GOODBYES,
-                )
-                .await
-                {
-                    Some(n) => session.input(buf.get(..n).unwrap_or_default()),
-                    None => return PreauthEnd::Done,
+        let context = conn.context.clone();
+        let mut session = PreAuth::new(SessionConfig {
+            hostname: context.hostname.clone(),
+            tls_active: mode.tls_active,
+            starttls_offered: mode.starttls_offered,
+            backend_extensions: context.smtp_extensions.offered().as_ref().clone(),
+        });
+        let mut buf = vec![0u8; 4096];
+        if mode.greet {
+            // A client that talks before the greeting is not speaking SMTP (or is a spam bot
+            // racing the server): refuse it without reading what it sent.
+            if let Some(Ok(n)) = poll_once(stream.read(&mut buf)).await {
+                if n > 0 {
+                    goodbye(&mut stream, reply::early_talker()).await;
+                    log.end = "early_talker";
+                    return PreauthEnd::Done;
                 }
             }
-            Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
-            Some(Event::TlsRequired) => {
-                log.result = LoginResult::TlsRequired.as_str();
-                conn.context
-                    .count_login(Protocol::Smtp, None, LoginResult::TlsRequired);
-                session.input(&[])
-            }
-            Some(Event::Quit) => {
-                log.end = "quit";
+            if write(&mut stream, &session.greeting()).await.is_err() {
+                log.end = "client_gone";
                 return PreauthEnd::Done;
             }
-            Some(Event::Close) => {
-                log.end = "protocol_error";
+        }
+        let mut step = session.input(&[]);
+        let mut attempts = 0u32;
+        let max_attempts = context.config.limits.max_auth_attempts;
+        loop {
+            if !step.write.is_empty() && write(&mut stream, &step.write).await.is_err() {
+                log.end = "client_gone";
                 return PreauthEnd::Done;
             }
-            Some(Event::Auth(credentials)) => {
-                attempts += 1;
-                log.user = Some(credentials.username.clone());
-                let helo = session.helo().unwrap_or("unknown").to_string();
-                match log_in(conn, &credentials, &helo).await {
-                    Ok((grant, address, backend)) => {
-                        log.result = LoginResult::Ok.as_str();
-                        let pool = Some(grant.route.pool.name.as_str());
-                        conn.context
-                            .metrics
-                            .login(Protocol::Smtp, pool, LoginResult::Ok);
-                        log.backend = Some(address);
-                        let mut reply = login_reply(LoginResult::Ok, &context.config.messages);
-                        reply.extend_from_slice(&backend.leftover);
-                        return PreauthEnd::LoggedIn(Box::new(LoggedIn {
-                            client: stream.into(),
-                            grant,
-                            backend: backend.stream,
-                            reply,
-                            pipelined: session.into_pipelined(),
-                        }));
+            step = match step.event.take() {
+                None => {
+                    match preauth::read(conn, log, &mut stream, &mut buf, deadline, &Self::GOODBYES)
+                        .await
+                    {
+                        Some(n) => session.input(buf.get(..n).unwrap_or_default()),
+                        None => return PreauthEnd::Done,
                     }
-                    Err(result) => {
-                        log.result = result.as_str();
-                        let name = Some(credentials.username.as_str());
-                        conn.context.count_login(Protocol::Smtp, name, result);
-                        let refusal = login_reply(result, &context.config.messages);
-                        let last =
-                            result == LoginResult::TooManyConnections || attempts >= max_attempts;
-                        if last {
-                            let mut bye = refusal;
-                            if result != LoginResult::TooManyConnections {
-                                bye.extend_from_slice(
-                                    b"421 4.7.0 Too many failed authentications\r\n",
-                                );
+                }
+                Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
+                Some(Event::TlsRequired) => {
+                    log.result = LoginResult::TlsRequired.as_str();
+                    conn.context
+                        .count_login(Protocol::Smtp, None, LoginResult::TlsRequired);
+                    session.input(&[])
+                }
+                Some(Event::Quit) => {
+                    log.end = "quit";
+                    return PreauthEnd::Done;
+                }
+                Some(Event::Close) => {
+                    log.end = "protocol_error";
+                    return PreauthEnd::Done;
+                }
+                Some(Event::Auth(credentials)) => {
+                    attempts += 1;
+                    log.user = Some(credentials.username.clone());
+                    let helo = session.helo().unwrap_or("unknown").to_string();
+                    match log_in(conn, &credentials, &helo).await {
+                        Ok((grant, address, backend)) => {
+                            log.result = LoginResult::Ok.as_str();
+                            let pool = Some(grant.route.pool.name.as_str());
+                            conn.context
+                                .metrics
+                                .login(Protocol::Smtp, pool, LoginResult::Ok);
+                            log.backend = Some(address);
+                            let mut reply = login_reply(LoginResult::Ok, &context.config.messages);
+                            reply.extend_from_slice(&backend.leftover);
+                            return PreauthEnd::LoggedIn(Box::new(LoggedIn {
+                                client: stream.into(),
+                                grant,
+                                backend: backend.stream,
+                                reply,
+                                pipelined: session.into_pipelined(),
+                            }));
+                        }
+                        Err(result) => {
+                            log.result = result.as_str();
+                            let name = Some(credentials.username.as_str());
+                            conn.context.count_login(Protocol::Smtp, name, result);
+                            let refusal = login_reply(result, &context.config.messages);
+                            let last = result == LoginResult::TooManyConnections
+                                || attempts >= max_attempts;
+                            if last {
+                                let mut bye = refusal;
+                                if result != LoginResult::TooManyConnections {
+                                    bye.extend_from_slice(
+                                        b"421 4.7.0 Too many failed authentications\r\n",
+                                    );
+                                }
+                                goodbye(&mut stream, &bye).await;
+                                log.end = "too_many_attempts";
+                                return PreauthEnd::Done;
                             }
-                            goodbye(&mut stream, &bye).await;
-                            log.end = "too_many_attempts";
-                            return PreauthEnd::Done;
+                            if write(&mut stream, &refusal).await.is_err() {
+                                log.end = "client_gone";
+                                return PreauthEnd::Done;
+                            }
+                            session.input(&[])
                         }
-                        if write(&mut stream, &refusal).await.is_err() {
-                            log.end = "client_gone";
-                            return PreauthEnd::Done;
-                        }
-                        session.input(&[])
                     }
                 }
-            }
-        };
+            };
+        }
     }
 }
 

@@ -371,23 +371,7 @@ impl Bench {
                     Users::once(a, b)
                 } else {
                     // Warm: each repeat user logged in once through this target (unmeasured).
-                    let warm = load::logins(
-                        &conn,
-                        Users::once(1, self.plan.repeat_users),
-                        self.plan.clients,
-                        Duration::from_secs(120),
-                    )
-                    .await;
-                    if warm.failed > 0 {
-                        self.problem(
-                            &who,
-                            &format!(
-                                "warm-up: {} logins failed: {}",
-                                warm.failed,
-                                warm.first_error.unwrap_or_default()
-                            ),
-                        );
-                    }
+                    self.warm_up(&conn, &who).await;
                     Users::cycle(1, self.plan.repeat_users)
                 };
                 let before = self.cpu(kind);
@@ -572,23 +556,7 @@ impl Bench {
         let fresh = procfs::rss_kib(pid);
         // Each idle user logs in once first, so one-off costs that are not per session
         // (mailgate's argon2 runs and its verification cache) are in `before`.
-        let warm = load::logins(
-            &conn,
-            Users::once(1, self.plan.repeat_users),
-            self.plan.clients,
-            Duration::from_secs(120),
-        )
-        .await;
-        if warm.failed > 0 {
-            self.problem(
-                &who,
-                &format!(
-                    "warm-up: {} logins failed: {}",
-                    warm.failed,
-                    warm.first_error.unwrap_or_default()
-                ),
-            );
-        }
+        self.warm_up(&conn, &who).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = procfs::rss_kib(pid);
         let start = Instant::now();
@@ -636,6 +604,28 @@ impl Bench {
         drop(sessions);
         tokio::time::sleep(Duration::from_secs(1)).await;
         Ok(())
+    }
+
+    /// Logs each repeat user in once through `conn` (unmeasured), so one-off costs (mailgate's
+    /// argon2 runs, Dovecot creating mailboxes) are out of what is measured next.
+    async fn warm_up(&mut self, conn: &Conn, who: &str) {
+        let warm = load::logins(
+            conn,
+            Users::once(1, self.plan.repeat_users),
+            self.plan.clients,
+            Duration::from_secs(120),
+        )
+        .await;
+        if warm.failed > 0 {
+            self.problem(
+                who,
+                &format!(
+                    "warm-up: {} logins failed: {}",
+                    warm.failed,
+                    warm.first_error.unwrap_or_default()
+                ),
+            );
+        }
     }
 
     fn problem(&mut self, who: &str, what: &str) {
