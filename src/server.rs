@@ -356,6 +356,14 @@ impl Connection {
         self.listener.local_addr
     }
 
+    /// One login attempt's outcome: its word in the session's log line and its count in
+    /// `mailgate_logins_total` (pool: the one `login` routes to; `none` without a name).
+    pub fn record_login(&self, log: &mut SessionLog, login: Option<&str>, result: LoginResult) {
+        log.result = result.as_str();
+        self.context
+            .count_login(self.listener.config.protocol, login, result);
+    }
+
     /// The server side of a TLS handshake, under the handshake timeout. A failure is the
     /// client's business: logged at debug, recorded in the session log.
     pub async fn tls_handshake(&self, log: &mut SessionLog, tcp: TcpStream) -> Option<TlsStream> {

@@ -76,9 +76,7 @@ impl Driver for Imap {
                 }
                 Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
                 Some(Event::TlsRequired) => {
-                    log.result = LoginResult::TlsRequired.as_str();
-                    conn.context
-                        .count_login(Protocol::Imap, None, LoginResult::TlsRequired);
+                    conn.record_login(log, None, LoginResult::TlsRequired);
                     session.input(&[])
                 }
                 Some(Event::Logout) => {
@@ -95,11 +93,8 @@ impl Driver for Imap {
                     match log_in(conn, &session, &credentials).await {
                         Ok((grant, address, backend)) => {
                             log.backend = Some(address);
-                            log.result = LoginResult::Ok.as_str();
-                            let pool = Some(grant.route.pool.name.as_str());
-                            conn.context
-                                .metrics
-                                .login(Protocol::Imap, pool, LoginResult::Ok);
+                            let name = Some(credentials.username.as_str());
+                            conn.record_login(log, name, LoginResult::Ok);
                             let mut reply =
                                 reply::logged_in(&credentials.tag, &backend.capabilities);
                             reply.extend_from_slice(&backend.leftover);
@@ -112,9 +107,8 @@ impl Driver for Imap {
                             }));
                         }
                         Err(result) => {
-                            log.result = result.as_str();
                             let name = Some(credentials.username.as_str());
-                            conn.context.count_login(Protocol::Imap, name, result);
+                            conn.record_login(log, name, result);
                             pending = reply::refused(
                                 &credentials.tag,
                                 result,

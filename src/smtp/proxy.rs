@@ -86,9 +86,7 @@ impl Driver for Smtp {
                 }
                 Some(Event::StartTls) => return PreauthEnd::StartTls(stream),
                 Some(Event::TlsRequired) => {
-                    log.result = LoginResult::TlsRequired.as_str();
-                    conn.context
-                        .count_login(Protocol::Smtp, None, LoginResult::TlsRequired);
+                    conn.record_login(log, None, LoginResult::TlsRequired);
                     session.input(&[])
                 }
                 Some(Event::Quit) => {
@@ -105,11 +103,8 @@ impl Driver for Smtp {
                     let helo = session.helo().unwrap_or("unknown").to_string();
                     match log_in(conn, &credentials, &helo).await {
                         Ok((grant, address, backend)) => {
-                            log.result = LoginResult::Ok.as_str();
-                            let pool = Some(grant.route.pool.name.as_str());
-                            conn.context
-                                .metrics
-                                .login(Protocol::Smtp, pool, LoginResult::Ok);
+                            let name = Some(credentials.username.as_str());
+                            conn.record_login(log, name, LoginResult::Ok);
                             log.backend = Some(address);
                             let mut reply = login_reply(LoginResult::Ok, &context.config.messages);
                             reply.extend_from_slice(&backend.leftover);
@@ -122,9 +117,8 @@ impl Driver for Smtp {
                             }));
                         }
                         Err(result) => {
-                            log.result = result.as_str();
                             let name = Some(credentials.username.as_str());
-                            conn.context.count_login(Protocol::Smtp, name, result);
+                            conn.record_login(log, name, result);
                             let refusal = login_reply(result, &context.config.messages);
                             let last = result == LoginResult::TooManyConnections
                                 || attempts >= max_attempts;
