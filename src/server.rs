@@ -115,6 +115,11 @@ impl Server {
             let socket = TcpListener::bind(l.address)
                 .await
                 .with_context(|| format!("listeners `{}`: cannot bind {}", l.name, l.address))?;
+            // Accepted sockets inherit TCP_NODELAY from the listening one (Linux copies the
+            // option into each connection): one system call per listener, not per client.
+            socket2::SockRef::from(&socket)
+                .set_tcp_nodelay(true)
+                .with_context(|| format!("listeners `{}`: TCP_NODELAY", l.name))?;
             let local_addr = socket.local_addr()?;
             listeners.push(Bound {
                 listener: Listener {
@@ -292,7 +297,6 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
                 let connection = Connection {
                     metered: listener.metrics.accepted(),
                     context: context.clone(),

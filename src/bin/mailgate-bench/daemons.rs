@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::authhttp::Check;
 use crate::procfs;
 
 /// How long a stopping process gets before it is killed.
@@ -50,6 +51,8 @@ pub struct Env {
     pub nginx_workers: String,
     /// Dovecot's long-lived imap-login processes (high-performance mode).
     pub dovecot_login_processes: usize,
+    /// What nginx's auth_http responder checks.
+    pub auth_check: Check,
     pub ports: Ports,
 }
 
@@ -411,6 +414,10 @@ pub fn start_auth_http(env: &Env) -> Result<Daemon> {
         .arg("--listen")
         .arg(loopback(env.ports.auth_http).to_string())
         .arg("--backend")
-        .arg(loopback(env.ports.dovecot_plain).to_string());
+        .arg(loopback(env.ports.dovecot_plain).to_string())
+        .arg("--accounts")
+        .arg(&env.accounts_file)
+        .arg("--check")
+        .arg(env.auth_check.name());
     Daemon::spawn("auth-http", cmd, &env.work, &dir.join("auth-http.log"))
 }

@@ -20,7 +20,6 @@ mod run;
 mod setup;
 mod tls;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,20 +39,16 @@ struct Cli {
 enum Command {
     /// Start the targets and measure them (what scripts/bench runs).
     Run(Box<run::Args>),
-    /// The auth_http service for nginx's mail proxy: every login OK, to `--backend`.
-    AuthHttp {
-        #[arg(long)]
-        listen: SocketAddr,
-        #[arg(long)]
-        backend: SocketAddr,
-    },
+    /// The auth_http service for nginx's mail proxy: checks the account (or nothing) and
+    /// sends the login to `--backend`.
+    AuthHttp(authhttp::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::main(*args),
-        Command::AuthHttp { listen, backend } => authhttp::run(listen, backend),
+        Command::AuthHttp(args) => authhttp::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -65,12 +65,21 @@ pub fn tree(root: u32) -> Vec<u32> {
 
 /// CPU ticks (user + system, own + reaped children) of the tree under `root`.
 pub fn cpu_ticks(root: u32) -> u64 {
+    let (user, system) = cpu_ticks_split(root);
+    user + system
+}
+
+/// CPU ticks of the tree under `root` as (user, system), own + reaped children each.
+pub fn cpu_ticks_split(root: u32) -> (u64, u64) {
     tree(root)
         .into_iter()
         .filter_map(stat_fields)
         // utime, stime, cutime, cstime are fields 14..=17.
-        .map(|f| f.get(10..14).map_or(0, |t| t.iter().sum::<u64>()))
-        .sum()
+        .map(|f| match f.get(10..14) {
+            Some(&[utime, stime, cutime, cstime]) => (utime + cutime, stime + cstime),
+            _ => (0, 0),
+        })
+        .fold((0, 0), |(u, s), (fu, fs)| (u + fu, s + fs))
 }
 
 /// Resident memory (KiB, `VmRSS`) summed over the tree under `root`.

@@ -36,6 +36,8 @@ pub enum Metric {
     /// The target's own processes (nginx: with its auth_http responder), ms per login.
     CpuFirst,
     CpuRepeat,
+    /// The part of `CpuRepeat` spent in the kernel (system time), ms per login.
+    SysCpuRepeat,
     /// nginx's auth_http responder alone, ms per login.
     AuthCpuRepeat,
     /// The Dovecot backend, ms per login.
@@ -89,6 +91,12 @@ const ROWS: &[Row] = &[
     Row {
         metric: Metric::CpuRepeat,
         label: "target CPU ms/login, repeat logins ¹",
+        decimals: 2,
+        ratios: true,
+    },
+    Row {
+        metric: Metric::SysCpuRepeat,
+        label: "… of which in the kernel (system time)",
         decimals: 2,
         ratios: true,
     },

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::authhttp::Check;
 use crate::daemons::{self, loopback, Daemon, Env, Ports};
 use crate::load::{self, Conn, Users};
 use crate::procfs;
@@ -95,6 +96,13 @@ pub struct Args {
     /// Dovecot's imap-login processes.
     #[arg(long, default_value_t = 2)]
     dovecot_login_processes: usize,
+    /// What nginx's auth_http responder checks: `accounts` (the account check mailgate does,
+    /// with mailgate's code: argon2id, verification cache, rules) or `none` (every login OK).
+    #[arg(long, value_enum, default_value = "accounts")]
+    auth_check: Check,
+    /// The phases to run, comma-separated (default: all), e.g. `repeat-logins` to profile one.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    phases: Vec<Phase>,
 }
 
 /// The resolved settings of one run.
@@ -112,6 +120,7 @@ struct Plan {
     mixed: Duration,
     users: u32,
     kinds: Vec<Kind>,
+    phases: Vec<Phase>,
 }
 
 impl Plan {
@@ -135,6 +144,11 @@ impl Plan {
             mixed: Duration::from_secs_f64(a.mixed_secs.unwrap_or(if q { 2.0 } else { 5.0 })),
             users: a.users,
             kinds,
+            phases: if a.phases.is_empty() {
+                Phase::ALL.to_vec()
+            } else {
+                a.phases.clone()
+            },
         };
         if plan.users <= plan.repeat_users + plan.reps as u32 * 10 {
             bail!(
@@ -309,16 +323,27 @@ fn ms_per(ticks: u64, clk: u64, n: u64) -> f64 {
     ticks as f64 * 1000.0 / clk as f64 / n.max(1) as f64
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Phase {
     FirstLogins,
     RepeatLogins,
     Bulk,
     Noop,
     Mixed,
+    Idle,
 }
 
 impl Phase {
+    /// Every phase, in the order a run takes them (idle last: it restarts the targets).
+    const ALL: [Phase; 6] = [
+        Phase::FirstLogins,
+        Phase::RepeatLogins,
+        Phase::Bulk,
+        Phase::Noop,
+        Phase::Mixed,
+        Phase::Idle,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Phase::FirstLogins => "first logins",
@@ -326,6 +351,7 @@ impl Phase {
             Phase::Bulk => "bulk FETCH",
             Phase::Noop => "NOOP latency",
             Phase::Mixed => "mixed ops",
+            Phase::Idle => "idle",
         }
     }
 }
@@ -347,11 +373,19 @@ impl Bench {
             .with_context(|| format!("no connection for {}", kind.name()))
     }
 
-    fn cpu(&self, kind: Kind) -> (u64, u64, u64) {
+    /// CPU ticks of the target, its auth service, the backend, and the system time of the
+    /// first two.
+    fn cpu(&self, kind: Kind) -> (u64, u64, u64, u64) {
+        let (user, system) = procfs::cpu_ticks_split(self.lab.target_pid(kind));
+        let (aux_user, aux_system) = self
+            .lab
+            .aux_pid(kind)
+            .map_or((0, 0), procfs::cpu_ticks_split);
         (
-            procfs::cpu_ticks(self.lab.target_pid(kind)),
-            self.lab.aux_pid(kind).map_or(0, procfs::cpu_ticks),
+            user + system,
+            aux_user + aux_system,
             procfs::cpu_ticks(self.lab.backend_pid()),
+            system + aux_system,
         )
     }
 
@@ -395,6 +429,7 @@ impl Bench {
                 let target = after.0.saturating_sub(before.0);
                 let aux = after.1.saturating_sub(before.1);
                 let backend = after.2.saturating_sub(before.2);
+                let system = after.3.saturating_sub(before.3);
                 let first = phase == Phase::FirstLogins;
                 let r = &mut self.results;
                 r.record(
@@ -418,6 +453,12 @@ impl Bench {
                     ms_per(target + aux, self.clk, run.ok),
                 );
                 if !first {
+                    r.record(
+                        Metric::SysCpuRepeat,
+                        kind,
+                        rep,
+                        ms_per(system, self.clk, run.ok),
+                    );
                     if kind == Kind::Nginx {
                         r.record(
                             Metric::AuthCpuRepeat,
@@ -477,6 +518,7 @@ impl Bench {
                 );
             }
             Phase::Mixed => self.mixed(&who, &conn, kind, rep).await?,
+            Phase::Idle => self.idle(kind, rep).await?,
         }
         Ok(())
     }
@@ -680,6 +722,7 @@ async fn bench(args: Args) -> Result<()> {
         tokio_workers: args.tokio_workers,
         nginx_workers: args.nginx_workers.clone(),
         dovecot_login_processes: args.dovecot_login_processes,
+        auth_check: args.auth_check,
         ports: Ports::pick()?,
     };
     let mut lab = Lab {
@@ -731,13 +774,7 @@ async fn bench(args: Args) -> Result<()> {
     let started = Instant::now();
     for rep in 0..plan.reps {
         let order = rotate(&plan.kinds, rep);
-        for phase in [
-            Phase::FirstLogins,
-            Phase::RepeatLogins,
-            Phase::Bulk,
-            Phase::Noop,
-            Phase::Mixed,
-        ] {
+        for &phase in plan.phases.iter().filter(|p| **p != Phase::Idle) {
             for &kind in &order {
                 if let Err(e) = bench.phase(phase, kind, rep).await {
                     bench.lab.check_alive()?;
@@ -748,6 +785,9 @@ async fn bench(args: Args) -> Result<()> {
         }
     }
     for rep in 0..plan.reps {
+        if !plan.phases.contains(&Phase::Idle) {
+            break;
+        }
         for &kind in &rotate(&plan.kinds, rep) {
             if let Err(e) = bench.idle(kind, rep).await {
                 let who = format!("rep {} idle {}", rep + 1, kind.name());
@@ -786,7 +826,11 @@ async fn bench(args: Args) -> Result<()> {
     }
     std::fs::write(&args.out, &doc).with_context(|| format!("writing {}", args.out.display()))?;
     println!("written to {}", args.out.display());
+    let problems = bench.results.problems.len();
     drop(bench);
+    if problems > 0 {
+        bail!("{problems} problem(s) during the run (listed in the results)");
+    }
     Ok(())
 }
 
@@ -870,8 +914,13 @@ fn header(plan: &Plan, args: &Args, env: &Env) -> String {
     );
     let _ = writeln!(
         h,
-        "- targets: mailgate (release, {} tokio workers); nginx mail proxy (`worker_processes {}`, auth_http → `mailgate-bench auth-http`); direct = Dovecot's own TLS listener ({} imap-login processes, high-performance mode). Backend: one Dovecot, plaintext on loopback, {} users, one `imap` process per session.",
-        env.tokio_workers, env.nginx_workers, env.dovecot_login_processes, plan.users
+        "- targets: mailgate (release, {} tokio workers); nginx mail proxy (`worker_processes {}`, auth_http → `mailgate-bench auth-http --check {}`: {}); direct = Dovecot's own TLS listener ({} imap-login processes, high-performance mode). Backend: one Dovecot, plaintext on loopback, {} users, one `imap` process per session.",
+        env.tokio_workers,
+        env.nginx_workers,
+        env.auth_check.name(),
+        env.auth_check.description(),
+        env.dovecot_login_processes,
+        plan.users
     );
     let _ = writeln!(
         h,
@@ -919,6 +968,7 @@ mod tests {
             mixed: Duration::ZERO,
             users: 5000,
             kinds: Kind::ALL.to_vec(),
+            phases: Phase::ALL.to_vec(),
         };
         let ranges: Vec<(u32, u32)> = (0..3).map(|r| plan.first_users(r)).collect();
         assert_eq!(ranges, [(101, 1733), (1734, 3366), (3367, 4999)]);
