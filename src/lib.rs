@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod policy;
 pub mod preauth;
 pub mod relay;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod shutdown;

@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
@@ -135,6 +136,21 @@ fn hash_password() -> ExitCode {
     }
 }
 
+/// `SIGHUP`: account data and certificates again (see `mailgate::reload`); one log line either way.
+async fn reload(context: &Arc<mailgate::server::Context>, path: &std::path::Path) {
+    let (context, path) = (context.clone(), path.to_path_buf());
+    match tokio::task::spawn_blocking(move || mailgate::reload::reload(&context, &path)).await {
+        Ok(Ok(r)) => tracing::info!(
+            users = r.users,
+            organisations = r.organisations,
+            certificates = r.certificates,
+            "SIGHUP: reloaded account data and certificates (other settings apply at restart)"
+        ),
+        Ok(Err(e)) => tracing::error!("SIGHUP: reload failed, nothing changed: {e:#}"),
+        Err(e) => tracing::error!("SIGHUP: reload failed, nothing changed: {e}"),
+    }
+}
+
 fn run(path: &std::path::Path) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::from(2);
@@ -158,13 +174,16 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             eprintln!("error: cannot install signal handlers");
             return ExitCode::FAILURE;
         };
+        let context = server.context();
+        let config_path = path.to_path_buf();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -178,6 +197,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                         tracing::info!("SIGINT: closing now");
                         trigger.advance(Phase::Closing);
                     }
+                    _ = hup.recv() => reload(&context, &config_path).await,
                 }
             }
         });

@@ -81,6 +81,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// What the sessions share; a reload (`SIGHUP`) swaps account data and certificates in it.
+    pub fn context(&self) -> Arc<Context> {
+        self.context.clone()
+    }
+
     /// Builds everything from a validated config (certificates, accounts, routes), then binds
     /// every listener. Nothing is bound unless all of it succeeded.
     ///

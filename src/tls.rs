@@ -152,7 +152,6 @@ impl Tls {
     /// A file that cannot be read or parsed (naming its path), or a key that does not match.
     pub fn from_config(config: &TlsConfig) -> Result<Tls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut loaded = Vec::new();
         for cert in &config.certificates {
             if config.self_signed_if_missing && !cert.cert.exists() && !cert.key.exists() {
                 write_dev_certificate(cert)?;
@@ -163,9 +162,8 @@ impl Tls {
                      clients will not trust it — configure a real certificate for production"
                 );
             }
-            loaded.push(load_certificate(cert, &provider)?);
         }
-        let resolver = Arc::new(SniResolver::new(CertificateSet::new(loaded)?));
+        let resolver = Arc::new(SniResolver::new(load_certificates(config, &provider)?));
         let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
@@ -179,6 +177,23 @@ impl Tls {
             resolver,
         })
     }
+}
+
+/// Reads every configured certificate (at start, and again at a reload: renewed files are
+/// picked up; a missing one is an error then, no development certificate is made).
+///
+/// # Errors
+/// As [`load_certificate`], or no certificate at all.
+pub fn load_certificates(
+    config: &TlsConfig,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertificateSet, TlsError> {
+    let loaded = config
+        .certificates
+        .iter()
+        .map(|cert| load_certificate(cert, provider))
+        .collect::<Result<Vec<_>, _>>()?;
+    CertificateSet::new(loaded)
 }
 
 /// Reads one certificate chain and key from PEM files.

@@ -1,0 +1,69 @@
+//! `SIGHUP`: reload what changes while mailgate runs — the account data (a user turns IMAP on,
+//! changes a password, adds an app password) and the certificates (a renewal) — without
+//! touching a session. The config file is read and checked again in full; from it the account
+//! file and the certificate files are loaded, and only when everything loaded are both swapped
+//! in, so a reload that fails changes nothing. Other settings (listeners, pools, limits,
+//! messages) take effect at the next start.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use crate::accounts::AccountStore;
+use crate::config::{Config, ConfigError};
+use crate::server::Context;
+use crate::tls;
+
+/// What a successful reload put in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    pub users: usize,
+    pub organisations: usize,
+    pub certificates: usize,
+}
+
+/// Reloads from the config file at `path` into the running `context`, and counts the result in
+/// `mailgate_config_reloads_total`. Reads files: call it off the async workers
+/// (`spawn_blocking`).
+///
+/// # Errors
+/// A config or account file that does not load (each problem with file, line and key), or a
+/// certificate that does not load; nothing was changed then.
+pub fn reload(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
+    let result = load_and_swap(context, path);
+    context.metrics.reloaded(result.is_ok());
+    result
+}
+
+fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
+    let config = Config::load(path).map_err(|errors| listed("config", &errors))?;
+    let store = AccountStore::load(&config.accounts.path)
+        .map_err(|errors| listed("account data", &errors))?;
+    let certificates = match &context.tls {
+        Some(running) => {
+            let provider = running.config.crypto_provider();
+            let set = tls::load_certificates(&config.tls, provider).context("certificates")?;
+            Some((running, set))
+        }
+        // No listener used TLS at start; one that does now needs a restart anyway.
+        None => None,
+    };
+    let reloaded = Reloaded {
+        users: store.len(),
+        organisations: store.organisations_len(),
+        certificates: certificates
+            .as_ref()
+            .map_or(0, |(_, set)| set.certificates.len()),
+    };
+    context.auth.replace_store(store);
+    if let Some((running, set)) = certificates {
+        context.metrics.certificates(&set);
+        running.resolver.replace(set);
+    }
+    Ok(reloaded)
+}
+
+fn listed(what: &str, errors: &[ConfigError]) -> anyhow::Error {
+    let lines: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
+    anyhow::anyhow!("{what}:\n{}", lines.join("\n"))
+}

@@ -1,0 +1,148 @@
+//! Reload (`SIGHUP`) end to end: the real `mailgate` binary in front of a real Dovecot, a real
+//! client (Python `imaplib`). A user who turns IMAP on in the account file can log in after a
+//! reload without a restart; a broken account file is refused with file and line and changes
+//! nothing; a renewed certificate is served to the next handshake; the reload counter says
+//! what happened.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::mailgate::{Mailgate, MailgateOpts, Pool};
+use common::{run_python_args, Dovecot, DovecotOpts};
+use rcgen::{CertificateParams, KeyPair};
+
+const MASTER: (&str, &str) = ("proxy", "master-secret");
+const USER: (&str, &str) = ("alice@skydesk.jp", "alice-pass");
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+const LOG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Logs in as `sys.argv[2]`/`sys.argv[3]` on port `sys.argv[1]` and prints the result, then the
+/// SHA-256 of the certificate the server presented and whether it is the PEM file `sys.argv[4]`.
+const CLIENT: &str = r#"
+import hashlib, imaplib, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+m = imaplib.IMAP4_SSL("127.0.0.1", int(sys.argv[1]), ssl_context=ctx, timeout=20)
+served = m.sock.getpeercert(binary_form=True)
+expected = ssl.PEM_cert_to_DER_cert(open(sys.argv[4]).read())
+try:
+    typ, data = m.login(sys.argv[2], sys.argv[3])
+    print("login:", typ, data[0].decode())
+    m.logout()
+except imaplib.IMAP4.error as e:
+    text = e.args[0]
+    print("login: NO", text.decode() if isinstance(text, bytes) else text)
+print("certificate is the file's:", served == expected)
+"#;
+
+fn account_file(path: &Path, hash: &str, imap: &str) {
+    let text = format!("users:\n  {}:\n    password: \"{hash}\"\n{imap}", USER.0);
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+fn login(mailgate: &Mailgate) -> String {
+    let port = mailgate.port("imaps").to_string();
+    let cert = mailgate.cert_path();
+    let cert = cert.to_string_lossy();
+    let out = run_python_args(CLIENT, &[&port, USER.0, USER.1, &cert], CLIENT_TIMEOUT);
+    assert!(out.success(), "{out}\n--- mailgate ---\n{}", mailgate.log());
+    out.stdout
+}
+
+fn reloads(mailgate: &Mailgate, result: &str) -> u64 {
+    let url = format!("http://{}/metrics", mailgate.metrics_addr());
+    let out = common::run_cmd("curl", &["-sS", &url], CLIENT_TIMEOUT);
+    let needle = format!("mailgate_config_reloads_total{{result=\"{result}\"}} ");
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {needle} in /metrics:\n{}", out.stdout))
+}
+
+/// Counts the log lines holding `needle`.
+fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn sighup_reloads_accounts_and_certificates_and_a_bad_file_changes_nothing() {
+    let dovecot = Dovecot::start(
+        DovecotOpts::default()
+            .master(MASTER.0, MASTER.1)
+            .user(USER.0, USER.1),
+    );
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let accounts = dir.path().join("accounts.yaml");
+    let hash = mailgate::accounts::hash_password(USER.1.as_bytes());
+    // IMAP is off until the user turns it on: no `imap:` key.
+    account_file(&accounts, &hash, "");
+    let pool = Pool::master(&[dovecot.imap_addr()], &[], MASTER.0, MASTER.1);
+    let mut opts = MailgateOpts::new(pool.clone(), pool);
+    opts.accounts = accounts.clone();
+    let mailgate = Mailgate::start(&opts);
+
+    let before = login(&mailgate);
+    assert!(
+        before.contains("login: NO [AUTHORIZATIONFAILED] IMAP access is disabled"),
+        "{before}"
+    );
+    assert!(
+        before.contains("certificate is the file's: True"),
+        "{before}"
+    );
+
+    // The user turns IMAP on; the certificate is renewed (a new key and certificate).
+    account_file(&accounts, &hash, "    imap: enabled\n");
+    let key = KeyPair::generate().unwrap_or_else(|e| panic!("key: {e}"));
+    let renewed = CertificateParams::new(vec!["imap.skydesk.jp".to_string()])
+        .and_then(|p| p.self_signed(&key))
+        .unwrap_or_else(|e| panic!("certificate: {e}"));
+    let cert_path = mailgate.cert_path();
+    let old_cert = std::fs::read_to_string(&cert_path).unwrap_or_default();
+    std::fs::write(&cert_path, renewed.pem()).unwrap_or_else(|e| panic!("cert: {e}"));
+    std::fs::write(cert_path.with_file_name("dev.key"), key.serialize_pem())
+        .unwrap_or_else(|e| panic!("key: {e}"));
+    assert_ne!(old_cert, renewed.pem());
+
+    mailgate.signal("HUP");
+    mailgate.wait_for_log("SIGHUP: reloaded", LOG_TIMEOUT);
+    let after = login(&mailgate);
+    assert!(after.contains("login: OK"), "{after}");
+    assert!(after.contains("certificate is the file's: True"), "{after}");
+    assert_eq!(reloads(&mailgate, "ok"), 1);
+    assert_eq!(reloads(&mailgate, "error"), 0);
+
+    // A broken account file (an unknown key on line 4): refused with file and line, nothing
+    // changes — IMAP stays on for the user.
+    let broken = format!(
+        "users:\n  {}:\n    password: \"{hash}\"\n    imap_access: enabled\n",
+        USER.0
+    );
+    std::fs::write(&accounts, broken).unwrap_or_else(|e| panic!("accounts: {e}"));
+    mailgate.signal("HUP");
+    let log = mailgate.wait_for_log("SIGHUP: reload failed", LOG_TIMEOUT);
+    let failure = log
+        .lines()
+        .find(|l| l.contains("SIGHUP: reload failed"))
+        .unwrap_or_default()
+        .to_string();
+    let place = format!("{}:4", accounts.display());
+    let following = log
+        .split("SIGHUP: reload failed")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        failure.contains(&place) || following.contains(&place),
+        "the error names the file and line {place}:\n{log}"
+    );
+    assert!(following.contains("imap_access"), "names the key:\n{log}");
+    let still = login(&mailgate);
+    assert!(still.contains("login: OK"), "{still}");
+    assert_eq!(reloads(&mailgate, "ok"), 1);
+    assert_eq!(reloads(&mailgate, "error"), 1);
+    assert_eq!(count(&mailgate.log(), "SIGHUP: reloaded"), 1);
+}
