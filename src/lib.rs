@@ -35,6 +35,7 @@ pub mod login;
 pub mod metrics;
 pub mod policy;
 pub mod preauth;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;
 pub mod routing;
