@@ -209,6 +209,13 @@ impl Conn {
                 // again, and the reply was already given to the client by mailgate.
                 self.ehlo(request.client_helo).await?;
             }
+            SmtpLogin::Master | SmtpLogin::Passthrough if !offers_auth_plain(extensions) => {
+                // Without it the AUTH would get a 503 that says nothing about the password;
+                // the client's password is not sent to a server that did not ask for it.
+                return Err(BackendError::Failed(
+                    "backend does not offer AUTH PLAIN to mailgate (check smtpd_sasl_auth_enable, and smtpd_tls_auth_only with backend_tls: none)".into(),
+                ));
+            }
             SmtpLogin::Master => {
                 let Some((master, secret)) = request.master else {
                     return Err(BackendError::Failed(
@@ -243,9 +250,14 @@ impl Conn {
         let reply = self.reply().await?;
         match reply.code {
             235 => Ok(()),
-            code => Err(BackendError::Refused {
+            // The backend judged the credentials (535), the mechanism or password kind (534),
+            // or could not judge them now (454 and other 4xx).
+            code @ (534 | 535 | 400..=499) => Err(BackendError::Refused {
                 code: Some(code.to_string()),
             }),
+            // 500/501/503/504/538: the backend's configuration or mailgate's command, never the
+            // client's password: not a reason to tell the client its password is wrong.
+            code => Err(BackendError::Failed(format!("AUTH answered {code}"))),
         }
     }
 
@@ -332,6 +344,16 @@ fn parse_reply_line(line: &str) -> Option<(u16, bool, String)> {
         Some(_) => return None,
     };
     Some((code, last, text.to_string()))
+}
+
+/// Whether an EHLO reply offers `AUTH PLAIN` (`AUTH PLAIN LOGIN`, or the old `AUTH=PLAIN`).
+fn offers_auth_plain(extensions: &[String]) -> bool {
+    extensions.iter().any(|e| {
+        let e = e.to_ascii_uppercase();
+        e.strip_prefix("AUTH ")
+            .or_else(|| e.strip_prefix("AUTH="))
+            .is_some_and(|mechanisms| mechanisms.split_ascii_whitespace().any(|m| m == "PLAIN"))
+    })
 }
 
 /// The first word of an extension line, uppercase.
@@ -524,8 +546,9 @@ mod combine_tests {
 }
 
 /// The three login modes against a scripted backend on loopback: the exact lines mailgate
-/// sends and how it reads the answers. (Xclient also runs against a real Postfix in
-/// `tests/smtp_e2e.rs`.)
+/// sends and how it reads the answers. (All three also run against a real Postfix: xclient in
+/// `tests/smtp_e2e.rs`, master and passthrough through Dovecot SASL in
+/// `tests/smtp_auth_e2e.rs`.)
 #[cfg(test)]
 mod login_tests {
     use std::net::SocketAddr;
@@ -681,6 +704,79 @@ mod login_tests {
             seen.await.expect("backend"),
             ["EHLO smtp.skydesk.jp\r\n".to_string(), expected]
         );
+    }
+
+    /// A backend that does not offer AUTH PLAIN (Postfix with `smtpd_sasl_auth_enable = no`,
+    /// or `smtpd_tls_auth_only = yes` on a plaintext leg) is a configuration problem: no
+    /// credentials are sent to it, and the error is not a refusal of the client's password.
+    #[tokio::test]
+    async fn auth_not_offered_sends_no_credentials_and_is_not_a_refusal() {
+        let secret = Secret::new("master-secret");
+        for (mode, master) in [
+            (SmtpLogin::Master, Some(("proxy", &secret))),
+            (SmtpLogin::Passthrough, None),
+        ] {
+            let (address, seen) = backend(vec![
+                "250-mx.example.com\r\n250-PIPELINING\r\n250 AUTH=LOGIN\r\n",
+                "235 2.7.0 OK\r\n",
+            ])
+            .await;
+            let failed = login(&address, &request(mode, master)).await;
+            assert!(
+                matches!(&failed, Err(BackendError::Failed(e)) if e.contains("AUTH PLAIN")),
+                "{mode:?}: {failed:?}"
+            );
+            assert_eq!(seen.await.expect("backend"), ["EHLO smtp.skydesk.jp\r\n"]);
+        }
+    }
+
+    /// Only 534/535 (and temporary 4xx) are the backend's verdict on the credentials; a 503
+    /// ("authentication not enabled"), 504 or 538 is not the client's fault, so in passthrough
+    /// it must not reach the client as "credentials invalid".
+    #[tokio::test]
+    async fn auth_replies_that_judge_the_credentials_are_refusals_others_failures() {
+        let cases: [(&'static str, Option<&str>); 6] = [
+            ("535 5.7.8 Error: authentication failed\r\n", Some("535")),
+            (
+                "534 5.7.9 Please use an application password\r\n",
+                Some("534"),
+            ),
+            (
+                "454 4.7.0 Temporary authentication failure\r\n",
+                Some("454"),
+            ),
+            ("503 5.5.1 Error: authentication not enabled\r\n", None),
+            ("504 5.5.4 Unrecognized authentication type\r\n", None),
+            ("538 5.7.11 Encryption required\r\n", None),
+        ];
+        for (reply, refused) in cases {
+            let (address, _seen) = backend(vec![EHLO_PLAIN, reply]).await;
+            let result = login(&address, &request(SmtpLogin::Passthrough, None)).await;
+            match refused {
+                Some(code) => assert!(
+                    matches!(&result, Err(BackendError::Refused { code: Some(c) }) if c == code),
+                    "{reply}: {result:?}"
+                ),
+                None => assert!(
+                    matches!(&result, Err(BackendError::Failed(_))),
+                    "{reply}: {result:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn auth_plain_is_found_in_either_spelling() {
+        let offers = |lines: &[&str]| {
+            offers_auth_plain(&lines.iter().map(|l| (*l).to_string()).collect::<Vec<_>>())
+        };
+        assert!(offers(&["PIPELINING", "AUTH PLAIN LOGIN"]));
+        assert!(offers(&["auth login plain"]));
+        assert!(offers(&["AUTH=PLAIN LOGIN"]));
+        assert!(!offers(&["AUTH LOGIN CRAM-MD5"]));
+        assert!(!offers(&["AUTHPLAIN", "XCLIENT NAME ADDR"]));
+        assert!(!offers(&["AUTH PLAINX"]));
+        assert!(!offers(&[]));
     }
 
     /// The STARTTLS injection: replies sent in plaintext right after `220 Ready to start TLS`,

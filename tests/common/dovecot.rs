@@ -1,6 +1,9 @@
 //! A private Dovecot 2.3 for one test: IMAP (and optionally LMTP) on free loopback ports, all
 //! state in a temp dir, stopped on drop. With [`DovecotOpts::with_tls`] it also serves TLS:
-//! STARTTLS on the IMAP listener and implicit TLS on an `imaps` one.
+//! STARTTLS on the IMAP listener and implicit TLS on an `imaps` one. With
+//! [`DovecotOpts::with_sasl`] its auth service listens on a TCP port for Postfix's Dovecot SASL
+//! client; `AUTH PLAIN` there with authzid = user and the master user's credentials logs in
+//! as the user, who is what Postfix then records as the authenticated sender.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -39,6 +42,10 @@ pub struct DovecotOpts {
     /// Serve TLS with this certificate: `ssl = yes` (STARTTLS on `imap`) and an `imaps`
     /// listener.
     pub tls: Option<ServerTls>,
+    /// Open the auth service to SASL clients on a loopback TCP port (`service auth {
+    /// inet_listener sasl }`), so a Postfix with `smtpd_sasl_type = dovecot` authenticates
+    /// against these users and this master user.
+    pub sasl: bool,
 }
 
 /// A server certificate chain and its key, as PEM files.
@@ -58,6 +65,7 @@ impl Default for DovecotOpts {
             imap_port: None,
             lmtp_port: None,
             tls: None,
+            sasl: false,
         }
     }
 }
@@ -88,6 +96,12 @@ impl DovecotOpts {
         self
     }
 
+    /// Opens the auth service to SASL clients (Postfix) on [`Dovecot::sasl_addr`].
+    pub fn with_sasl(mut self) -> Self {
+        self.sasl = true;
+        self
+    }
+
     /// Serves TLS with `tls`: STARTTLS on the IMAP listener, implicit TLS on `imaps_addr`.
     pub fn with_tls(mut self, tls: ServerTls) -> Self {
         self.tls = Some(tls);
@@ -108,6 +122,7 @@ pub struct Dovecot {
     imap_addr: SocketAddr,
     imaps_addr: Option<SocketAddr>,
     lmtp_addr: Option<SocketAddr>,
+    sasl_addr: Option<SocketAddr>,
     opts: DovecotOpts,
     // Last: removed only after the daemon has stopped (fields drop after `Drop::drop`).
     dir: TempDir,
@@ -155,7 +170,7 @@ impl Dovecot {
             ),
         );
 
-        let ports = free_ports(3);
+        let ports = free_ports(4);
         let imap_addr = loopback(
             opts.imap_port
                 .unwrap_or_else(|| ports.first().copied().unwrap_or_default()),
@@ -170,12 +185,16 @@ impl Dovecot {
             .tls
             .as_ref()
             .map(|_| loopback(ports.get(2).copied().unwrap_or_default()));
+        let sasl_addr = opts
+            .sasl
+            .then(|| loopback(ports.get(3).copied().unwrap_or_default()));
         let conf = root.join("dovecot.conf");
         let instance = unique_name("dovecot");
         let listeners = Listeners {
             imap: imap_addr,
             imaps: imaps_addr,
             lmtp: lmtp_addr,
+            sasl: sasl_addr,
         };
         write_file(
             &conf,
@@ -206,6 +225,7 @@ impl Dovecot {
             imap_addr,
             imaps_addr,
             lmtp_addr,
+            sasl_addr,
             opts: opts.clone(),
             dir,
         };
@@ -219,6 +239,10 @@ impl Dovecot {
         let mut waiting = vec![(self.imap_addr, "* OK")];
         if let Some(lmtp) = self.lmtp_addr {
             waiting.push((lmtp, "220 "));
+        }
+        if let Some(sasl) = self.sasl_addr {
+            // The auth service's handshake starts with its protocol version.
+            waiting.push((sasl, "VERSION"));
         }
         for (addr, greeting) in waiting {
             loop {
@@ -266,6 +290,16 @@ impl Dovecot {
     pub fn lmtp_addr(&self) -> SocketAddr {
         self.lmtp_addr
             .unwrap_or_else(|| panic!("this Dovecot was started without lmtp"))
+    }
+
+    /// The auth service's SASL listener (Postfix: `smtpd_sasl_path = inet:ADDR`).
+    ///
+    /// # Panics
+    ///
+    /// When started without [`DovecotOpts::with_sasl`].
+    pub fn sasl_addr(&self) -> SocketAddr {
+        self.sasl_addr
+            .unwrap_or_else(|| panic!("this Dovecot was started without sasl"))
     }
 
     pub fn master_user(&self) -> &str {
@@ -434,6 +468,8 @@ struct Listeners {
     /// Implicit TLS, only with a certificate.
     imaps: Option<SocketAddr>,
     lmtp: Option<SocketAddr>,
+    /// The auth service for SASL clients.
+    sasl: Option<SocketAddr>,
 }
 
 fn config(
@@ -467,6 +503,14 @@ fn config(
     let lmtp_service = match lmtp {
         Some(addr) => format!(
             "service lmtp {{\n  inet_listener lmtp {{\n    address = {}\n    port = {}\n  }}\n}}\n",
+            addr.ip(),
+            addr.port()
+        ),
+        None => String::new(),
+    };
+    let sasl_service = match listeners.sasl {
+        Some(addr) => format!(
+            "service auth {{\n  inet_listener sasl {{\n    address = {}\n    port = {}\n  }}\n}}\n",
             addr.ip(),
             addr.port()
         ),
@@ -525,7 +569,7 @@ service imap-login {{
   }}
 {imaps}
 }}
-{lmtp_service}"#,
+{lmtp_service}{sasl_service}"#,
         imap_ip = imap.ip(),
         imap_port = imap.port(),
     )

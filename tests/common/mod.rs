@@ -2,10 +2,12 @@
 //!
 //! # Layout
 //!
-//! - [`dovecot`]: a private Dovecot 2.3 (IMAP, optional LMTP) in a temp dir, with plaintext
-//!   users, a master user and `login_trusted_networks` so a proxy may forward the client address.
+//! - [`dovecot`]: a private Dovecot 2.3 (IMAP, optional LMTP, optional auth service on a TCP
+//!   port for Postfix's SASL) in a temp dir, with plaintext users, a master user and
+//!   `login_trusted_networks` so a proxy may forward the client address.
 //! - [`postfix`]: a private Postfix 3.7 with one submission listener that trusts `XCLIENT` from
-//!   loopback and counts `XCLIENT LOGIN=` as authenticated, delivering to a Dovecot over LMTP.
+//!   loopback and counts `XCLIENT LOGIN=` as authenticated, delivering to a Dovecot over LMTP;
+//!   optionally judging `AUTH` through that Dovecot's auth service (`smtpd_sasl_type = dovecot`).
 //! - [`clients`]: run Python `imaplib`/`smtplib` scripts and command-line clients (`curl`,
 //!   `swaks`, `mbsync`) with a deadline, killing them when it passes.
 //!

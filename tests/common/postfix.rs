@@ -1,5 +1,6 @@
 //! A private Postfix 3.7 for one test: one submission `smtpd` on a free loopback port that
 //! trusts `XCLIENT` from loopback, delivering over LMTP to a Dovecot; stopped on drop. With
+//! [`PostfixOpts::dovecot_sasl`] it takes `AUTH` and has a Dovecot's auth service judge it. With
 //! [`PostfixOpts::with_tls`] it offers STARTTLS there and runs a second `smtpd` with implicit
 //! TLS (`smtpd_tls_wrappermode`, logging as `postfix/submissions`).
 //!
@@ -43,6 +44,12 @@ pub struct PostfixOpts {
     /// Serve TLS with this certificate: STARTTLS on the submission port
     /// (`smtpd_tls_security_level = may`) and implicit TLS on `submissions_addr`.
     pub tls: Option<ServerTls>,
+    /// Authenticate `AUTH` against a Dovecot auth service at this address
+    /// (`smtpd_sasl_type = dovecot`, `smtpd_sasl_path = inet:ADDR`); without it SASL is
+    /// `cyrus` with no mechanisms, there only so that `XCLIENT LOGIN=` counts.
+    pub dovecot_sasl: Option<SocketAddr>,
+    /// Further `main.cf` lines, after the generated ones (a later setting wins).
+    pub main_cf: Vec<String>,
 }
 
 impl Default for PostfixOpts {
@@ -55,6 +62,8 @@ impl Default for PostfixOpts {
             routes: Vec::new(),
             port: None,
             tls: None,
+            dovecot_sasl: None,
+            main_cf: Vec::new(),
         }
     }
 }
@@ -83,6 +92,19 @@ impl PostfixOpts {
 
     pub fn myhostname(mut self, name: &str) -> Self {
         self.myhostname = name.to_owned();
+        self
+    }
+
+    /// Takes `AUTH` from clients (mailgate's `smtp_login: master` / `passthrough`) and has the
+    /// Dovecot auth service at `sasl` judge it ([`super::Dovecot::sasl_addr`]).
+    pub fn dovecot_sasl(mut self, sasl: SocketAddr) -> Self {
+        self.dovecot_sasl = Some(sasl);
+        self
+    }
+
+    /// Adds a `main.cf` line such as `smtpd_tls_auth_only = yes`.
+    pub fn main_cf(mut self, line: &str) -> Self {
+        self.main_cf.push(line.to_owned());
         self
     }
 
@@ -290,9 +312,10 @@ alias_maps =
 alias_database =
 biff = no
 smtpd_authorized_xclient_hosts = 127.0.0.0/8
-# SASL on, so that XCLIENT LOGIN= makes the session authenticated.
+# SASL on, so that XCLIENT LOGIN= makes the session authenticated (and, with Dovecot's auth
+# service, so that AUTH is judged there).
 smtpd_sasl_auth_enable = yes
-smtpd_sasl_type = cyrus
+{sasl}
 smtpd_sasl_authenticated_header = yes
 smtpd_relay_restrictions = permit_sasl_authenticated, reject
 message_size_limit = {size}
@@ -302,6 +325,7 @@ virtual_mailbox_domains = {domains}
 virtual_transport = {transport}
 {transport_maps}
 {tls}
+{extra}
 "#,
         queue = queue_dir.display(),
         data = data_dir.display(),
@@ -310,6 +334,15 @@ virtual_transport = {transport}
         myhostname = opts.myhostname,
         size = opts.message_size_limit,
         domains = opts.domains.join(", "),
+        extra = opts.main_cf.join("\n"),
+        sasl = match opts.dovecot_sasl {
+            Some(addr) => format!(
+                "smtpd_sasl_type = dovecot\nsmtpd_sasl_path = inet:{}:{}",
+                addr.ip(),
+                addr.port()
+            ),
+            None => "smtpd_sasl_type = cyrus".to_owned(),
+        },
         tls = match &opts.tls {
             Some(tls) => format!(
                 "smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\n\
