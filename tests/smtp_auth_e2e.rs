@@ -26,8 +26,8 @@ use common::{run_cmd, run_python_args, Dovecot, DovecotOpts, Output, Postfix, Po
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Clients connect from here, so that an address Postfix records is visibly not theirs when
-/// it is mailgate's (127.0.0.1).
+/// Clients connect from here, so that an address Postfix records is visibly theirs (through
+/// XCLIENT) and not mailgate's (127.0.0.1).
 const CLIENT_IP: &str = "127.0.0.2";
 
 /// The backend's users: the demo accounts' passwords, and for Carol (federated, no password of
@@ -285,13 +285,15 @@ fn assert_delivered(backends: &Backends, mailgate: &Mailgate, cases: &[Case<'_>]
             .rfind(|f| f.starts_with("Received:") && f.contains("(Postfix)"))
             .cloned()
             .unwrap_or_default();
-        // The user, not the master user that logged in for them; and (no XCLIENT in these
-        // modes) the address Postfix saw is mailgate's, not the client's.
+        // The user, not the master user that logged in for them; and (the harness's Postfix
+        // takes XCLIENT from mailgate, which sends it before AUTH) the client's address and
+        // EHLO name, not mailgate's.
         assert!(
             received.contains(&format!("(Authenticated sender: {})", case.user))
                 && !received.contains(MASTER.0)
-                && received.contains("[127.0.0.1]")
-                && !received.contains(CLIENT_IP),
+                && received.starts_with("Received: from client.example ")
+                && received.contains(&format!("[{CLIENT_IP}]"))
+                && !received.contains("[127.0.0.1]"),
             "Postfix's Received: of {subject:?} does not name the user:\n{}",
             fields.join("\n")
         );
@@ -476,7 +478,7 @@ fn passthrough_sends_the_clients_own_credentials_through_postfix_and_dovecot_sas
     let line = backends
         .postfix
         .wait_for_log("SASL PLAIN authentication failed", Duration::from_secs(5));
-    assert!(line.contains("127.0.0.1"), "{line}");
+    assert!(line.contains(CLIENT_IP), "{line}");
     mailgate.wait_for_log("result=invalid_credentials", Duration::from_secs(5));
     let log = mailgate.log();
     assert!(

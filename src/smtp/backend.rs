@@ -192,44 +192,63 @@ impl Conn {
     ) -> Result<(), BackendError> {
         match request.mode {
             SmtpLogin::Xclient => {
-                if !extensions.iter().any(|e| keyword(e) == "XCLIENT") {
+                if !offers_xclient(extensions) {
                     return Err(BackendError::Failed(
                         "backend does not offer XCLIENT to mailgate (check smtpd_authorized_xclient_hosts)".into(),
                     ));
                 }
-                let command = xclient_command(request.client, request.user, request.client_helo);
-                self.send(command.as_bytes()).await?;
-                let reply = self.reply().await?;
-                if reply.code != 220 {
-                    return Err(BackendError::Refused {
-                        code: Some(reply.code.to_string()),
-                    });
-                }
-                // The session restarts as the client's; the client's own EHLO name goes
-                // again, and the reply was already given to the client by mailgate.
-                self.ehlo(request.client_helo).await?;
+                self.xclient(request, Some(request.user)).await?;
             }
-            SmtpLogin::Master | SmtpLogin::Passthrough if !offers_auth_plain(extensions) => {
-                // Without it the AUTH would get a 503 that says nothing about the password;
-                // the client's password is not sent to a server that did not ask for it.
-                return Err(BackendError::Failed(
-                    "backend does not offer AUTH PLAIN to mailgate (check smtpd_sasl_auth_enable, and smtpd_tls_auth_only with backend_tls: none)".into(),
-                ));
-            }
-            SmtpLogin::Master => {
-                let Some((master, secret)) = request.master else {
-                    return Err(BackendError::Failed(
-                        "master mode without master credentials".into(),
-                    ));
+            SmtpLogin::Master | SmtpLogin::Passthrough => {
+                // Where the backend lets mailgate say who the client is, it does (without
+                // LOGIN: the AUTH below logs in), so the backend's `Received:` and logs name
+                // the client and its EHLO name instead of mailgate.
+                let extensions = if offers_xclient(extensions) {
+                    self.xclient(request, None).await?
+                } else {
+                    extensions.to_vec()
                 };
-                self.auth_plain(request.user, master, secret.expose().as_bytes())
-                    .await?;
-            }
-            SmtpLogin::Passthrough => {
-                self.auth_plain("", request.user, request.password).await?;
+                if !offers_auth_plain(&extensions) {
+                    // Without it the AUTH would get a 503 that says nothing about the
+                    // password; the client's password is not sent to a server that did not
+                    // ask for it.
+                    return Err(BackendError::Failed(
+                        "backend does not offer AUTH PLAIN to mailgate (check smtpd_sasl_auth_enable, and smtpd_tls_auth_only with backend_tls: none)".into(),
+                    ));
+                }
+                if request.mode == SmtpLogin::Master {
+                    let Some((master, secret)) = request.master else {
+                        return Err(BackendError::Failed(
+                            "master mode without master credentials".into(),
+                        ));
+                    };
+                    self.auth_plain(request.user, master, secret.expose().as_bytes())
+                        .await?;
+                } else {
+                    self.auth_plain("", request.user, request.password).await?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// `XCLIENT` with the client's address, port and EHLO name (and `LOGIN` when given); the
+    /// session restarts as the client's, so the client's EHLO name goes again. Returns the
+    /// extensions the backend offers the restarted session.
+    async fn xclient(
+        &mut self,
+        request: &LoginRequest<'_>,
+        login: Option<&str>,
+    ) -> Result<Vec<String>, BackendError> {
+        let command = xclient_command(request.client, login, request.client_helo);
+        self.send(command.as_bytes()).await?;
+        let reply = self.reply().await?;
+        if reply.code != 220 {
+            return Err(BackendError::Refused {
+                code: Some(reply.code.to_string()),
+            });
+        }
+        self.ehlo(request.client_helo).await
     }
 
     async fn auth_plain(
@@ -346,6 +365,11 @@ fn parse_reply_line(line: &str) -> Option<(u16, bool, String)> {
     Some((code, last, text.to_string()))
 }
 
+/// Whether an EHLO reply offers `XCLIENT`.
+fn offers_xclient(extensions: &[String]) -> bool {
+    extensions.iter().any(|e| keyword(e) == "XCLIENT")
+}
+
 /// Whether an EHLO reply offers `AUTH PLAIN` (`AUTH PLAIN LOGIN`, or the old `AUTH=PLAIN`).
 fn offers_auth_plain(extensions: &[String]) -> bool {
     extensions.iter().any(|e| {
@@ -367,7 +391,7 @@ fn keyword(extension: &str) -> String {
 
 /// `XCLIENT ADDR=.. PORT=.. LOGIN=.. NAME=[UNAVAILABLE] HELO=.. PROTO=ESMTP`, values
 /// xtext-encoded (RFC 3461), IPv6 addresses as `IPV6:...`.
-fn xclient_command(client: SocketAddr, user: &str, helo: &str) -> String {
+fn xclient_command(client: SocketAddr, login: Option<&str>, helo: &str) -> String {
     let addr = match client {
         SocketAddr::V4(v4) => v4.ip().to_string(),
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
@@ -375,11 +399,12 @@ fn xclient_command(client: SocketAddr, user: &str, helo: &str) -> String {
             None => format!("IPV6:{}", v6.ip()),
         },
     };
+    let login = login.map(|user| format!(" LOGIN={}", xtext(user)));
     format!(
-        "XCLIENT ADDR={} PORT={} LOGIN={} NAME=[UNAVAILABLE] HELO={} PROTO=ESMTP\r\n",
+        "XCLIENT ADDR={} PORT={}{} NAME=[UNAVAILABLE] HELO={} PROTO=ESMTP\r\n",
         xtext(&addr),
         client.port(),
-        xtext(user),
+        login.unwrap_or_default(),
         xtext(helo),
     )
 }
@@ -417,13 +442,14 @@ mod tests {
     fn xclient_is_xtext_encoded() {
         let client: SocketAddr = "192.0.2.7:50123".parse().expect("addr");
         assert_eq!(
-            xclient_command(client, "a+b=c@example.com", "my host"),
+            xclient_command(client, Some("a+b=c@example.com"), "my host"),
             "XCLIENT ADDR=192.0.2.7 PORT=50123 LOGIN=a+2Bb+3Dc@example.com NAME=[UNAVAILABLE] HELO=my+20host PROTO=ESMTP\r\n"
         );
         let v6: SocketAddr = "[2001:db8::1]:25".parse().expect("addr");
-        assert!(xclient_command(v6, "u", "h").starts_with("XCLIENT ADDR=IPV6:2001:db8::1 PORT=25 "));
+        assert!(xclient_command(v6, Some("u"), "h")
+            .starts_with("XCLIENT ADDR=IPV6:2001:db8::1 PORT=25 "));
         let mapped: SocketAddr = "[::ffff:192.0.2.1]:25".parse().expect("addr");
-        assert!(xclient_command(mapped, "u", "h").starts_with("XCLIENT ADDR=192.0.2.1 "));
+        assert!(xclient_command(mapped, Some("u"), "h").starts_with("XCLIENT ADDR=192.0.2.1 "));
     }
 }
 
@@ -688,6 +714,47 @@ mod login_tests {
             matches!(&refused, Err(BackendError::Refused { code: Some(c) }) if c == "535"),
             "{refused:?}"
         );
+    }
+
+    /// A backend that takes XCLIENT from mailgate learns the client's address and EHLO name
+    /// first (no LOGIN: the AUTH logs in), and AUTH goes to the restarted session.
+    #[tokio::test]
+    async fn master_and_passthrough_name_the_client_where_xclient_is_offered() {
+        let secret = Secret::new("master-secret");
+        let ehlo_both = "250-mx.example.com\r\n250-XCLIENT NAME ADDR PROTO HELO PORT LOGIN\r\n250 AUTH PLAIN\r\n";
+        for (mode, master, auth) in [
+            (
+                SmtpLogin::Master,
+                Some(("proxy", &secret)),
+                plain("alice@skydesk.jp", "proxy", "master-secret"),
+            ),
+            (
+                SmtpLogin::Passthrough,
+                None,
+                plain("", "alice@skydesk.jp", "alice pass"),
+            ),
+        ] {
+            let (address, seen) = backend(vec![
+                ehlo_both,
+                "220 mx.example.com ESMTP\r\n",
+                ehlo_both,
+                "235 2.7.0 OK\r\n",
+            ])
+            .await;
+            login(&address, &request(mode, master))
+                .await
+                .unwrap_or_else(|e| panic!("{mode:?}: {e:?}"));
+            assert_eq!(
+                seen.await.expect("backend"),
+                [
+                    "EHLO smtp.skydesk.jp\r\n".to_string(),
+                    "XCLIENT ADDR=192.0.2.7 PORT=50123 NAME=[UNAVAILABLE] HELO=client.example PROTO=ESMTP\r\n".to_string(),
+                    "EHLO client.example\r\n".to_string(),
+                    format!("AUTH PLAIN {auth}\r\n"),
+                ],
+                "{mode:?}"
+            );
+        }
     }
 
     #[tokio::test]
