@@ -21,6 +21,7 @@ use crate::accounts::{AccountStore, Authenticator};
 use crate::backend::BackendStream;
 use crate::config::{Config, ListenerConfig, ListenerTls, Protocol};
 use crate::health::Readiness;
+use crate::limits::{ConnectionPermit, Limiter, Rejection, SessionPermit};
 use crate::login::LoginResult;
 use crate::metrics::{ConnectionGuard, ListenerMetrics, Metrics};
 use crate::relay::RelayEnd;
@@ -42,6 +43,8 @@ pub struct Context {
     /// health probe), shown to clients after mailgate's own changes.
     pub smtp_extensions: Arc<BackendExtensions>,
     pub metrics: Arc<Metrics>,
+    /// Connection caps, sessions per user and address, failed-login budgets.
+    pub limiter: Limiter,
 }
 
 impl Context {
@@ -150,6 +153,7 @@ impl Server {
         let hostname = hostname(tls.as_ref());
         let smtp_extensions = Arc::new(BackendExtensions::new(&hostname));
         probe_smtp(&config, &router, &smtp_extensions).await;
+        let limiter = Limiter::new(&config.limits);
         Ok(Server {
             context: Arc::new(Context {
                 config,
@@ -159,6 +163,7 @@ impl Server {
                 hostname,
                 smtp_extensions,
                 metrics: Arc::new(metrics),
+                limiter,
             }),
             listeners,
             metrics_socket,
@@ -193,6 +198,7 @@ impl Server {
             &self.context.smtp_extensions,
             &inner,
         );
+        tokio::spawn(prune_limits(self.context.clone(), inner.clone()));
         if let Some(socket) = self.metrics_socket {
             if let Ok(address) = socket.local_addr() {
                 tracing::info!(address = %address, "metrics listening");
@@ -286,6 +292,18 @@ async fn probe_smtp(config: &Config, router: &Router, extensions: &BackendExtens
     }
 }
 
+/// Forgets forgiven failed-login state and gives back memory, every `PRUNE_INTERVAL`.
+async fn prune_limits(context: Arc<Context>, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(crate::limits::PRUNE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => context.limiter.prune(),
+            () = shutdown.reached(Phase::Closing) => return,
+        }
+    }
+}
+
 async fn accept_loop(
     bound: Bound,
     context: Arc<Context>,
@@ -302,7 +320,15 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let permit = match context.limiter.admit(peer.ip()) {
+                    Ok(permit) => permit,
+                    Err(reason) => {
+                        refuse(&listener, stream, peer, reason);
+                        continue;
+                    }
+                };
                 let connection = Connection {
+                    permit,
                     metered: listener.metrics.accepted(),
                     context: context.clone(),
                     listener: listener.clone(),
@@ -322,6 +348,36 @@ async fn accept_loop(
     }
 }
 
+/// IMAP's and SMTP's last word to a connection over a cap, before any TLS.
+const IMAP_TOO_MANY: &[u8] = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n";
+const SMTP_TOO_MANY: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
+
+/// Turns away a connection over a cap, without waiting for anything: on a plaintext or
+/// STARTTLS listener one line, if the socket takes it at once, then close; on an
+/// implicit-TLS listener just close (no handshake work for a flood).
+fn refuse(listener: &Listener, stream: TcpStream, peer: SocketAddr, reason: Rejection) {
+    listener.metrics.rejected(reason);
+    if listener.config.tls != ListenerTls::Implicit {
+        let line = match listener.config.protocol {
+            Protocol::Imap => IMAP_TOO_MANY,
+            Protocol::Smtp => SMTP_TOO_MANY,
+        };
+        // A fresh socket's send buffer is empty: one non-blocking send takes the line or fails.
+        // Straight to the socket: tokio's `try_write` would say "would block" until the
+        // reactor has seen the new socket writable.
+        let _ = socket2::SockRef::from(&stream).send(line);
+    }
+    // Debug, not info: under a flood this would be a line per refused connection; the
+    // metric counts them.
+    tracing::debug!(
+        target: "mailgate::session",
+        listener = %listener.config.name,
+        client = %peer,
+        end = reason.as_str(),
+        "connection refused"
+    );
+}
+
 /// One accepted client connection.
 pub struct Connection {
     pub context: Arc<Context>,
@@ -332,6 +388,8 @@ pub struct Connection {
     pub start: Instant,
     /// Keeps the connection counted as active until it is dropped.
     pub metered: ConnectionGuard,
+    /// Its place under `max_connections` / `max_connections_per_ip`, given back on drop.
+    pub permit: ConnectionPermit,
 }
 
 impl Connection {
@@ -471,6 +529,8 @@ pub struct Spliced {
     pub bye_shutdown: &'static [u8],
     /// ... and after the idle timeout.
     pub bye_idle: &'static [u8],
+    /// The login's place under `max_sessions_per_user_ip`, given back when the splice ends.
+    pub session: SessionPermit,
 }
 
 impl Spliced {
@@ -484,6 +544,7 @@ impl Spliced {
             mut backend,
             bye_shutdown,
             bye_idle,
+            session,
         } = self;
         let protocol = conn.listener.config.protocol;
         let idle = conn.context.config.limits.idle_timeout.0;
@@ -500,6 +561,7 @@ impl Spliced {
             RelayEnd::Closed | RelayEnd::Error => {}
         }
         log.emit(&conn);
+        drop(session);
     }
 }
 
