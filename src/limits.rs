@@ -50,15 +50,26 @@ pub enum Rejection {
     MaxConnections,
     /// `max_connections_per_ip`: this client address has its share.
     MaxConnectionsPerIp,
+    /// A `proxy_protocol` listener, and the peer is not in `trusted_proxies`.
+    UntrustedProxy,
+    /// A `proxy_protocol` listener, and no valid PROXY header came in time.
+    ProxyHeader,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 2] = [Rejection::MaxConnections, Rejection::MaxConnectionsPerIp];
+    pub const ALL: [Rejection; 4] = [
+        Rejection::MaxConnections,
+        Rejection::MaxConnectionsPerIp,
+        Rejection::UntrustedProxy,
+        Rejection::ProxyHeader,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Rejection::MaxConnections => "max_connections",
             Rejection::MaxConnectionsPerIp => "max_connections_per_ip",
+            Rejection::UntrustedProxy => "untrusted_proxy",
+            Rejection::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -411,6 +422,14 @@ mod tests {
     use governor::clock::FakeRelativeClock;
 
     use super::*;
+
+    #[test]
+    fn rejection_reasons_are_in_all_at_their_own_index() {
+        // `ListenerMetrics` keeps one counter per reason, indexed by `reason as usize`.
+        for (i, reason) in Rejection::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?}");
+        }
+    }
     use crate::config::HumanDuration;
 
     const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));

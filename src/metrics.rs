@@ -110,9 +110,8 @@ pub struct ListenerMetrics {
     active: IntGauge,
     tls_handshake_errors: IntCounter,
     session_duration: Histogram,
-    /// Connections refused at accept, by reason.
-    rejected_max_connections: IntCounter,
-    rejected_max_connections_per_ip: IntCounter,
+    /// Connections refused at accept, by reason (in `Rejection::ALL`'s order).
+    rejected: [IntCounter; Rejection::ALL.len()],
 }
 
 impl ListenerMetrics {
@@ -133,12 +132,11 @@ impl ListenerMetrics {
         self.tls_handshake_errors.inc();
     }
 
-    /// A connection refused at accept (over `max_connections` or `max_connections_per_ip`).
-    /// It is not counted in `mailgate_connections_total`.
+    /// A connection refused at accept (over a cap, or a PROXY header missing or from a peer
+    /// not trusted to send one). It is not counted in `mailgate_connections_total`.
     pub fn rejected(&self, reason: Rejection) {
-        match reason {
-            Rejection::MaxConnections => self.rejected_max_connections.inc(),
-            Rejection::MaxConnectionsPerIp => self.rejected_max_connections_per_ip.inc(),
+        if let Some(counter) = self.rejected.get(reason as usize) {
+            counter.inc();
         }
     }
 }
@@ -323,12 +321,8 @@ impl Metrics {
                     active: active.with_label_values(&labels),
                     tls_handshake_errors: tls_errors.with_label_values(&[l.name.as_str()]),
                     session_duration: session_duration.get(l.protocol).clone(),
-                    rejected_max_connections: rejected
-                        .with_label_values(&[l.name.as_str(), Rejection::MaxConnections.as_str()]),
-                    rejected_max_connections_per_ip: rejected.with_label_values(&[
-                        l.name.as_str(),
-                        Rejection::MaxConnectionsPerIp.as_str(),
-                    ]),
+                    rejected: Rejection::ALL
+                        .map(|r| rejected.with_label_values(&[l.name.as_str(), r.as_str()])),
                 };
                 (l.name.clone(), metrics)
             })

@@ -319,25 +319,26 @@ async fn accept_loop(
             () = shutdown.reached(Phase::Draining) => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let permit = match context.limiter.admit(peer.ip()) {
-                    Ok(permit) => permit,
-                    Err(reason) => {
-                        refuse(&listener, stream, peer, reason);
-                        continue;
+            Ok((stream, peer)) if listener.config.proxy_protocol => {
+                // The header is read on the connection's own task: a slow balancer must not
+                // hold up the accept loop.
+                let (listener, context, shutdown) =
+                    (listener.clone(), context.clone(), shutdown.clone());
+                tracker.spawn(async move {
+                    if let Some((stream, client)) = proxied(&listener, &context, stream, peer).await
+                    {
+                        if let Some(connection) =
+                            admit(&listener, &context, &shutdown, &stream, client)
+                        {
+                            connection.serve(stream).await;
+                        }
                     }
-                };
-                let connection = Connection {
-                    permit,
-                    metered: listener.metrics.accepted(),
-                    context: context.clone(),
-                    listener: listener.clone(),
-                    peer,
-                    shutdown: shutdown.clone(),
-                    id: session_id(),
-                    start: Instant::now(),
-                };
-                tracker.spawn(connection.serve(stream));
+                });
+            }
+            Ok((stream, peer)) => {
+                if let Some(connection) = admit(&listener, &context, &shutdown, &stream, peer) {
+                    tracker.spawn(connection.serve(stream));
+                }
             }
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -348,14 +349,80 @@ async fn accept_loop(
     }
 }
 
+/// The connection's place under the caps for `client`, or (after the refusal) `None`.
+fn admit(
+    listener: &Arc<Listener>,
+    context: &Arc<Context>,
+    shutdown: &Shutdown,
+    stream: &TcpStream,
+    client: SocketAddr,
+) -> Option<Connection> {
+    match context.limiter.admit(client.ip()) {
+        Ok(permit) => Some(Connection {
+            permit,
+            metered: listener.metrics.accepted(),
+            context: context.clone(),
+            listener: listener.clone(),
+            peer: client,
+            shutdown: shutdown.clone(),
+            id: session_id(),
+            start: Instant::now(),
+        }),
+        Err(reason) => {
+            refuse(listener, stream, client, reason);
+            None
+        }
+    }
+}
+
+/// On a `proxy_protocol` listener: the client a trusted balancer names in its PROXY header
+/// (its own address for a `LOCAL`/`UNKNOWN` header, e.g. its health check). A peer outside
+/// `limits.trusted_proxies`, or no valid header within `limits.handshake_timeout`, and the
+/// connection is closed without a word (a plaintext line would reach the balancer, not a mail
+/// client).
+async fn proxied(
+    listener: &Listener,
+    context: &Context,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(TcpStream, SocketAddr)> {
+    let peer_ip = peer.ip().to_canonical();
+    let trusted = context
+        .config
+        .limits
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(peer_ip));
+    let reason = if trusted {
+        let timeout = context.config.limits.handshake_timeout.0;
+        match tokio::time::timeout(timeout, crate::proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(client)) => return Some((stream, client.unwrap_or(peer))),
+            Ok(Err(e)) => {
+                tracing::warn!(listener = %listener.config.name, proxy = %peer, error = %e, "connection closed: PROXY header");
+                Rejection::ProxyHeader
+            }
+            Err(_) => {
+                tracing::warn!(listener = %listener.config.name, proxy = %peer, "connection closed: no PROXY header within limits.handshake_timeout");
+                Rejection::ProxyHeader
+            }
+        }
+    } else {
+        // Debug: anyone can connect; the metric counts them.
+        tracing::debug!(listener = %listener.config.name, peer = %peer, "connection closed: peer not in limits.trusted_proxies");
+        Rejection::UntrustedProxy
+    };
+    listener.metrics.rejected(reason);
+    None
+}
+
 /// IMAP's and SMTP's last word to a connection over a cap, before any TLS.
 const IMAP_TOO_MANY: &[u8] = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n";
 const SMTP_TOO_MANY: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
 
 /// Turns away a connection over a cap, without waiting for anything: on a plaintext or
-/// STARTTLS listener one line, if the socket takes it at once, then close; on an
-/// implicit-TLS listener just close (no handshake work for a flood).
-fn refuse(listener: &Listener, stream: TcpStream, peer: SocketAddr, reason: Rejection) {
+/// STARTTLS listener one line, if the socket takes it at once; on an implicit-TLS listener
+/// nothing (no handshake work for a flood). The caller closes it by dropping it.
+fn refuse(listener: &Listener, stream: &TcpStream, peer: SocketAddr, reason: Rejection) {
     listener.metrics.rejected(reason);
     if listener.config.tls != ListenerTls::Implicit {
         let line = match listener.config.protocol {
@@ -365,7 +432,7 @@ fn refuse(listener: &Listener, stream: TcpStream, peer: SocketAddr, reason: Reje
         // A fresh socket's send buffer is empty: one non-blocking send takes the line or fails.
         // Straight to the socket: tokio's `try_write` would say "would block" until the
         // reactor has seen the new socket writable.
-        let _ = socket2::SockRef::from(&stream).send(line);
+        let _ = socket2::SockRef::from(stream).send(line);
     }
     // Debug, not info: under a flood this would be a line per refused connection; the
     // metric counts them.
