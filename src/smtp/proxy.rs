@@ -124,13 +124,17 @@ impl Driver for Smtp {
                                 || attempts >= max_attempts;
                             if last {
                                 let mut bye = refusal;
-                                if result != LoginResult::TooManyConnections {
+                                // A 421 (too many sessions) closes by itself; its log line
+                                // already says `result=too_many_connections`.
+                                if result == LoginResult::TooManyConnections {
+                                    log.end = "refused";
+                                } else {
                                     bye.extend_from_slice(
                                         b"421 4.7.0 Too many failed authentications\r\n",
                                     );
+                                    log.end = "too_many_attempts";
                                 }
                                 goodbye(&mut stream, &bye).await;
-                                log.end = "too_many_attempts";
                                 return PreauthEnd::Done;
                             }
                             if write(&mut stream, &refusal).await.is_err() {
