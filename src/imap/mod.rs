@@ -1,5 +1,6 @@
 //! IMAP: the pre-auth session (pure), replies, backend login, connection driver.
 
+pub mod aware;
 pub mod backend;
 pub mod parse;
 pub mod proxy;
