@@ -249,6 +249,11 @@ impl Aware {
         std::mem::take(&mut self.to_backend)
     }
 
+    /// Whether bytes wait for the backend.
+    pub fn has_for_backend(&self) -> bool {
+        !self.to_backend.is_empty()
+    }
+
     /// Bytes waiting for the client, mailgate's own queued lines included (back-pressure).
     pub fn client_backlog(&self) -> usize {
         self.to_client.len() + self.client_queue.len()
