@@ -340,7 +340,7 @@ pub struct Config {
     pub key_lines: KeyLines,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Imap,
@@ -642,20 +642,6 @@ pub enum MasterPasswordError {
     Empty(PathBuf),
 }
 
-/// Limits that parse and are validated but are not enforced yet in this version; `notes()`
-/// names those the file sets. Take a name out when its enforcement lands.
-const LIMITS_NOT_ENFORCED: &[&str] = &[
-    "max_connections",
-    "max_connections_per_ip",
-    "max_sessions_per_user_ip",
-    "auth_failure_delay",
-    "auth_failure_max_delay",
-    "failures_per_ip",
-    "failures_per_user",
-    "trusted_networks",
-    "trusted_proxies",
-];
-
 impl Config {
     /// Reads, parses and validates `path`.
     ///
@@ -718,28 +704,6 @@ impl Config {
                     ),
                 );
             }
-        }
-        for (i, l) in self.listeners.iter().enumerate() {
-            if l.proxy_protocol {
-                note(
-                    format!("listeners[{i}].proxy_protocol"),
-                    "accepted but not active yet in this version: no PROXY header is read".into(),
-                );
-            }
-        }
-        let set_limits: Vec<&str> = LIMITS_NOT_ENFORCED
-            .iter()
-            .copied()
-            .filter(|name| self.key_lines.line(&format!("limits.{name}")).is_some())
-            .collect();
-        if let Some(first) = set_limits.first() {
-            note(
-                format!("limits.{first}"),
-                format!(
-                    "accepted but not enforced yet in this version: {}",
-                    set_limits.join(", ")
-                ),
-            );
         }
         let used = self.routed_pools();
         for name in self.pools.keys() {
@@ -2116,7 +2080,7 @@ pools:
     }
 
     #[test]
-    fn notes_name_what_is_not_active_yet() {
+    fn limits_and_proxy_protocol_are_active_and_get_no_note() {
         let yaml = plain(
             "    health: { interval: 5s, timeout: 2s }\n\
 limits:\n  idle_timeout: 30m\n  max_connections: 10\n  trusted_proxies: [10.0.0.1]\n\
@@ -2125,13 +2089,7 @@ metrics: { address: \"127.0.0.1:9993\" }\n",
         let yaml = yaml.replace("tls: none }", "tls: none, proxy_protocol: true }");
         let config =
             Config::from_yaml(&yaml, Path::new("t.yaml")).unwrap_or_else(|e| panic!("{e:?}"));
-        assert_eq!(
-            config.notes(),
-            [
-                "t.yaml:2: listeners[0].proxy_protocol: accepted but not active yet in this version: no PROXY header is read",
-                "t.yaml:17: limits.max_connections: accepted but not enforced yet in this version: max_connections, trusted_proxies",
-            ]
-        );
+        assert_eq!(config.notes(), Vec::<String>::new());
     }
 
     #[test]

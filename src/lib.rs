@@ -20,6 +20,7 @@
 //! - `accounts/`: account data, password verification and its cache; `policy`: the rules.
 //! - `login`: the outcome words and the authorize step both protocols share.
 //! - `routing`: login → pool → backend order (rendezvous hashing).
+//! - `limits`: connection caps, sessions per user and address, failed-login budgets.
 //! - `relay`: the splice; `buffers`: the per-thread buffer pool it and `tls_stream` share.
 //! - `metrics`: the Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint;
 //!   `health`: backend health checks and readiness.
@@ -31,6 +32,7 @@ pub mod buffers;
 pub mod config;
 pub mod health;
 pub mod imap;
+pub mod limits;
 pub mod login;
 pub mod metrics;
 pub mod policy;

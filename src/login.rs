@@ -2,10 +2,12 @@
 //! the session log line and in `mailgate_logins_total{result}`), mapped to the wire in
 //! `imap::reply` and `smtp::reply`.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::accounts::Account;
 use crate::config::{Messages, Protocol};
+use crate::limits::{Gate, SessionPermit};
 use crate::policy::Decision;
 use crate::routing::Route;
 use crate::server::Context;
@@ -83,15 +85,25 @@ pub fn message(result: LoginResult, protocol: Protocol, messages: &Messages) -> 
         .collect()
 }
 
-/// A login that passed the account rules: where it goes and whose it is.
-#[derive(Debug, Clone)]
+/// A login that passed the account rules: where it goes, whose it is, and its place under
+/// `max_sessions_per_user_ip` (held by the spliced session).
+#[derive(Debug)]
 pub struct Grant {
     pub route: Route,
     pub account: Arc<Account>,
+    pub session: SessionPermit,
 }
 
-/// Authenticates a login name and password and applies the account rules: the step both
-/// protocols share between reading credentials and logging in to a backend.
+/// Authenticates a login name and password and applies the account rules and the login
+/// limits: the step both protocols share between reading credentials and logging in to a
+/// backend.
+///
+/// Before any password work, the failure budgets of `peer` and of the user are looked at
+/// (`limits::Gate`): an address that has spent its budget is refused (`Throttled`) without a
+/// hash; for a user that has, only a password already in the verification cache is accepted.
+/// A wrong password (or unknown user) is recorded against both budgets, and every refusal for
+/// one (`InvalidCredentials`, `Throttled`) is answered only after the failure delay. Other
+/// refusals (two-step, IMAP disabled, policy) prove the password right and cost nothing.
 ///
 /// A SASL authorization identity other than the user itself is refused (mailgate does not
 /// let one user act as another), after the same password work as any other login.
@@ -100,28 +112,63 @@ pub struct Grant {
 /// The refusal, as the `LoginResult` the client's reply is made from.
 pub async fn authorize(
     context: &Context,
+    peer: IpAddr,
     username: &str,
     authzid: Option<&str>,
     password: &[u8],
     protocol: Protocol,
 ) -> Result<Grant, LoginResult> {
-    let _timer = context.metrics.auth_duration(protocol).start_timer();
     let route = context.router.route(username);
     // An unroutable name is verified as-is, against the dummy hash: same work, same answer.
     let address = route
         .as_ref()
         .map(|r| r.address.clone())
         .unwrap_or_else(|| username.to_lowercase());
-    let outcome = context
-        .auth
-        .authenticate(&address, password, protocol)
-        .await;
+    let limiter = &context.limiter;
+    let gate = limiter.gate(peer, &address);
+    let timer = context.metrics.auth_duration(protocol).start_timer();
+    let outcome = match gate {
+        Gate::Open => Some(
+            context
+                .auth
+                .authenticate(&address, password, protocol)
+                .await,
+        ),
+        Gate::CachedOnly => context
+            .auth
+            .authenticate_cached(&address, password, protocol),
+        Gate::Throttled => None,
+    };
+    timer.observe_duration();
+    let Some(outcome) = outcome else {
+        tracing::debug!(
+            target: "mailgate::limits",
+            client = %peer,
+            user = %address,
+            gate = ?gate,
+            "login throttled: refused without password verification"
+        );
+        tokio::time::sleep(limiter.throttled_delay(peer)).await;
+        return Err(LoginResult::Throttled);
+    };
     let authzid_ok =
         authzid.is_none_or(|z| context.router.normalize(z).as_deref() == Some(address.as_str()));
     match (outcome.decision, route, outcome.account) {
-        (Decision::Allow, Some(route), Some(account)) if authzid_ok => Ok(Grant { route, account }),
-        (Decision::Deny(result), _, _) => Err(result),
-        _ => Err(LoginResult::InvalidCredentials),
+        (Decision::Allow, Some(route), Some(account)) if authzid_ok => {
+            match limiter.open_session(protocol, &route.address, peer) {
+                Some(session) => Ok(Grant {
+                    route,
+                    account,
+                    session,
+                }),
+                None => Err(LoginResult::TooManyConnections),
+            }
+        }
+        (Decision::Deny(result), _, _) if result != LoginResult::InvalidCredentials => Err(result),
+        _ => {
+            tokio::time::sleep(limiter.failed(peer, &address)).await;
+            Err(LoginResult::InvalidCredentials)
+        }
     }
 }
 

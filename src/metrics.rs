@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, Protocol};
 use crate::health::Readiness;
+use crate::limits::Rejection;
 use crate::login::LoginResult;
 use crate::shutdown::{Phase, Shutdown};
 use crate::tls::CertificateSet;
@@ -109,6 +110,8 @@ pub struct ListenerMetrics {
     active: IntGauge,
     tls_handshake_errors: IntCounter,
     session_duration: Histogram,
+    /// Connections refused at accept, by reason (in `Rejection::ALL`'s order).
+    rejected: [IntCounter; Rejection::ALL.len()],
 }
 
 impl ListenerMetrics {
@@ -127,6 +130,14 @@ impl ListenerMetrics {
     /// A TLS handshake that failed or timed out.
     pub fn tls_handshake_failed(&self) {
         self.tls_handshake_errors.inc();
+    }
+
+    /// A connection refused at accept (over a cap, or a PROXY header missing or from a peer
+    /// not trusted to send one). It is not counted in `mailgate_connections_total`.
+    pub fn rejected(&self, reason: Rejection) {
+        if let Some(counter) = self.rejected.get(reason as usize) {
+            counter.inc();
+        }
     }
 }
 
@@ -182,6 +193,16 @@ impl Metrics {
                     "Client connections open now, by listener.",
                 ),
                 &["listener", "protocol"],
+            )?,
+        )?;
+        let rejected = register(
+            registry,
+            IntCounterVec::new(
+                opts(
+                    "mailgate_connections_rejected_total",
+                    "Client connections refused at accept, by listener and the limit they hit.",
+                ),
+                &["listener", "reason"],
             )?,
         )?;
         let logins = register(
@@ -300,6 +321,8 @@ impl Metrics {
                     active: active.with_label_values(&labels),
                     tls_handshake_errors: tls_errors.with_label_values(&[l.name.as_str()]),
                     session_duration: session_duration.get(l.protocol).clone(),
+                    rejected: Rejection::ALL
+                        .map(|r| rejected.with_label_values(&[l.name.as_str(), r.as_str()])),
                 };
                 (l.name.clone(), metrics)
             })
@@ -538,6 +561,8 @@ pools:
             "mailgate_connections_total{listener=\"imaps\",protocol=\"imap\"} 0",
             "mailgate_connections_active{listener=\"submission\",protocol=\"smtp\"} 0",
             "mailgate_tls_handshake_errors_total{listener=\"imaps\"} 0",
+            "mailgate_connections_rejected_total{listener=\"imaps\",reason=\"max_connections\"} 0",
+            "mailgate_connections_rejected_total{listener=\"submission\",reason=\"max_connections_per_ip\"} 0",
             "mailgate_logins_total{pool=\"imap\",protocol=\"smtp\",result=\"smtp_disabled\"} 0",
             "mailgate_logins_total{pool=\"none\",protocol=\"imap\",result=\"tls_required\"} 0",
             "mailgate_backend_up{backend=\"192.0.2.1:143\",pool=\"imap\"} 1",
@@ -572,6 +597,7 @@ pools:
         let guard = imaps.accepted();
         let _second = imaps.accepted();
         imaps.tls_handshake_failed();
+        imaps.rejected(Rejection::MaxConnectionsPerIp);
         drop(guard);
         m.login(Protocol::Imap, Some("imap"), LoginResult::Ok);
         m.login(Protocol::Imap, Some("imap"), LoginResult::Ok);
@@ -595,6 +621,8 @@ pools:
             "mailgate_session_duration_seconds_count{protocol=\"imap\"} 1",
             "mailgate_session_duration_seconds_count{protocol=\"smtp\"} 0",
             "mailgate_tls_handshake_errors_total{listener=\"imaps\"} 1",
+            "mailgate_connections_rejected_total{listener=\"imaps\",reason=\"max_connections_per_ip\"} 1",
+            "mailgate_connections_rejected_total{listener=\"imaps\",reason=\"max_connections\"} 0",
             "mailgate_logins_total{pool=\"imap\",protocol=\"imap\",result=\"ok\"} 2",
             "mailgate_logins_total{pool=\"none\",protocol=\"smtp\",result=\"invalid_credentials\"} 1",
             "mailgate_logins_total{pool=\"none\",protocol=\"imap\",result=\"tls_required\"} 1",

@@ -167,6 +167,7 @@ async fn hand_over(
             backend,
             bye_shutdown: goodbyes.shutdown,
             bye_idle: goodbyes.idle,
+            session: grant.session,
         });
     }
     log.emit(&conn);

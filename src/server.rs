@@ -21,6 +21,7 @@ use crate::accounts::{AccountStore, Authenticator};
 use crate::backend::BackendStream;
 use crate::config::{Config, ListenerConfig, ListenerTls, Protocol};
 use crate::health::Readiness;
+use crate::limits::{ConnectionPermit, Limiter, Rejection, SessionPermit};
 use crate::login::LoginResult;
 use crate::metrics::{ConnectionGuard, ListenerMetrics, Metrics};
 use crate::relay::RelayEnd;
@@ -42,6 +43,8 @@ pub struct Context {
     /// health probe), shown to clients after mailgate's own changes.
     pub smtp_extensions: Arc<BackendExtensions>,
     pub metrics: Arc<Metrics>,
+    /// Connection caps, sessions per user and address, failed-login budgets.
+    pub limiter: Limiter,
 }
 
 impl Context {
@@ -150,6 +153,7 @@ impl Server {
         let hostname = hostname(tls.as_ref());
         let smtp_extensions = Arc::new(BackendExtensions::new(&hostname));
         probe_smtp(&config, &router, &smtp_extensions).await;
+        let limiter = Limiter::new(&config.limits);
         Ok(Server {
             context: Arc::new(Context {
                 config,
@@ -159,6 +163,7 @@ impl Server {
                 hostname,
                 smtp_extensions,
                 metrics: Arc::new(metrics),
+                limiter,
             }),
             listeners,
             metrics_socket,
@@ -193,6 +198,7 @@ impl Server {
             &self.context.smtp_extensions,
             &inner,
         );
+        tokio::spawn(prune_limits(self.context.clone(), inner.clone()));
         if let Some(socket) = self.metrics_socket {
             if let Ok(address) = socket.local_addr() {
                 tracing::info!(address = %address, "metrics listening");
@@ -286,6 +292,18 @@ async fn probe_smtp(config: &Config, router: &Router, extensions: &BackendExtens
     }
 }
 
+/// Forgets forgiven failed-login state and gives back memory, every `PRUNE_INTERVAL`.
+async fn prune_limits(context: Arc<Context>, mut shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(crate::limits::PRUNE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => context.limiter.prune(),
+            () = shutdown.reached(Phase::Closing) => return,
+        }
+    }
+}
+
 async fn accept_loop(
     bound: Bound,
     context: Arc<Context>,
@@ -301,17 +319,26 @@ async fn accept_loop(
             () = shutdown.reached(Phase::Draining) => return,
         };
         match accepted {
+            Ok((stream, peer)) if listener.config.proxy_protocol => {
+                // The header is read on the connection's own task: a slow balancer must not
+                // hold up the accept loop.
+                let (listener, context, shutdown) =
+                    (listener.clone(), context.clone(), shutdown.clone());
+                tracker.spawn(async move {
+                    if let Some((stream, client)) = proxied(&listener, &context, stream, peer).await
+                    {
+                        if let Some(connection) =
+                            admit(&listener, &context, &shutdown, &stream, client)
+                        {
+                            connection.serve(stream).await;
+                        }
+                    }
+                });
+            }
             Ok((stream, peer)) => {
-                let connection = Connection {
-                    metered: listener.metrics.accepted(),
-                    context: context.clone(),
-                    listener: listener.clone(),
-                    peer,
-                    shutdown: shutdown.clone(),
-                    id: session_id(),
-                    start: Instant::now(),
-                };
-                tracker.spawn(connection.serve(stream));
+                if let Some(connection) = admit(&listener, &context, &shutdown, &stream, peer) {
+                    tracker.spawn(connection.serve(stream));
+                }
             }
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -320,6 +347,102 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// The connection's place under the caps for `client`, or (after the refusal) `None`.
+fn admit(
+    listener: &Arc<Listener>,
+    context: &Arc<Context>,
+    shutdown: &Shutdown,
+    stream: &TcpStream,
+    client: SocketAddr,
+) -> Option<Connection> {
+    match context.limiter.admit(client.ip()) {
+        Ok(permit) => Some(Connection {
+            permit,
+            metered: listener.metrics.accepted(),
+            context: context.clone(),
+            listener: listener.clone(),
+            peer: client,
+            shutdown: shutdown.clone(),
+            id: session_id(),
+            start: Instant::now(),
+        }),
+        Err(reason) => {
+            refuse(listener, stream, client, reason);
+            None
+        }
+    }
+}
+
+/// On a `proxy_protocol` listener: the client a trusted balancer names in its PROXY header
+/// (its own address for a `LOCAL`/`UNKNOWN` header, e.g. its health check). A peer outside
+/// `limits.trusted_proxies`, or no valid header within `limits.handshake_timeout`, and the
+/// connection is closed without a word (a plaintext line would reach the balancer, not a mail
+/// client).
+async fn proxied(
+    listener: &Listener,
+    context: &Context,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(TcpStream, SocketAddr)> {
+    let peer_ip = peer.ip().to_canonical();
+    let trusted = context
+        .config
+        .limits
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(peer_ip));
+    let reason = if trusted {
+        let timeout = context.config.limits.handshake_timeout.0;
+        match tokio::time::timeout(timeout, crate::proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(client)) => return Some((stream, client.unwrap_or(peer))),
+            Ok(Err(e)) => {
+                tracing::warn!(listener = %listener.config.name, proxy = %peer, error = %e, "connection closed: PROXY header");
+                Rejection::ProxyHeader
+            }
+            Err(_) => {
+                tracing::warn!(listener = %listener.config.name, proxy = %peer, "connection closed: no PROXY header within limits.handshake_timeout");
+                Rejection::ProxyHeader
+            }
+        }
+    } else {
+        // Debug: anyone can connect; the metric counts them.
+        tracing::debug!(listener = %listener.config.name, peer = %peer, "connection closed: peer not in limits.trusted_proxies");
+        Rejection::UntrustedProxy
+    };
+    listener.metrics.rejected(reason);
+    None
+}
+
+/// IMAP's and SMTP's last word to a connection over a cap, before any TLS.
+const IMAP_TOO_MANY: &[u8] = b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n";
+const SMTP_TOO_MANY: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
+
+/// Turns away a connection over a cap, without waiting for anything: on a plaintext or
+/// STARTTLS listener one line, if the socket takes it at once; on an implicit-TLS listener
+/// nothing (no handshake work for a flood). The caller closes it by dropping it.
+fn refuse(listener: &Listener, stream: &TcpStream, peer: SocketAddr, reason: Rejection) {
+    listener.metrics.rejected(reason);
+    if listener.config.tls != ListenerTls::Implicit {
+        let line = match listener.config.protocol {
+            Protocol::Imap => IMAP_TOO_MANY,
+            Protocol::Smtp => SMTP_TOO_MANY,
+        };
+        // A fresh socket's send buffer is empty: one non-blocking send takes the line or fails.
+        // Straight to the socket: tokio's `try_write` would say "would block" until the
+        // reactor has seen the new socket writable.
+        let _ = socket2::SockRef::from(stream).send(line);
+    }
+    // Debug, not info: under a flood this would be a line per refused connection; the
+    // metric counts them.
+    tracing::debug!(
+        target: "mailgate::session",
+        listener = %listener.config.name,
+        client = %peer,
+        end = reason.as_str(),
+        "connection refused"
+    );
 }
 
 /// One accepted client connection.
@@ -332,6 +455,8 @@ pub struct Connection {
     pub start: Instant,
     /// Keeps the connection counted as active until it is dropped.
     pub metered: ConnectionGuard,
+    /// Its place under `max_connections` / `max_connections_per_ip`, given back on drop.
+    pub permit: ConnectionPermit,
 }
 
 impl Connection {
@@ -471,6 +596,8 @@ pub struct Spliced {
     pub bye_shutdown: &'static [u8],
     /// ... and after the idle timeout.
     pub bye_idle: &'static [u8],
+    /// The login's place under `max_sessions_per_user_ip`, given back when the splice ends.
+    pub session: SessionPermit,
 }
 
 impl Spliced {
@@ -484,6 +611,7 @@ impl Spliced {
             mut backend,
             bye_shutdown,
             bye_idle,
+            session,
         } = self;
         let protocol = conn.listener.config.protocol;
         let idle = conn.context.config.limits.idle_timeout.0;
@@ -500,6 +628,7 @@ impl Spliced {
             RelayEnd::Closed | RelayEnd::Error => {}
         }
         log.emit(&conn);
+        drop(session);
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use super::cache::{CacheConfig, VerificationCache};
-use super::model::{Account, AccountStore};
+use super::model::{Account, AccountStore, Organisation};
 use super::password::verify_dummy;
 use crate::config::Protocol;
 use crate::login::LoginResult;
@@ -118,19 +118,30 @@ impl Authenticator {
             }
             None => self.verify(None, password).await,
         };
+        decide(account, organisation.as_ref(), credential, protocol)
+    }
 
-        let decision = policy::decide(
-            account.as_deref(),
+    /// [`Authenticator::authenticate`] from the verification cache alone: `None` when this
+    /// password was not proven for `address` recently. Nothing is hashed, so it costs what a
+    /// cache hit costs; for a user whose failed-login budget is spent (see `limits`).
+    pub fn authenticate_cached(
+        &self,
+        address: &str,
+        password: &[u8],
+        protocol: Protocol,
+    ) -> Option<AuthOutcome> {
+        let generation = self.current.load();
+        let account = generation.store.user(address).cloned()?;
+        let organisation = generation.store.organisation_of(address).copied();
+        let credential = generation
+            .cache
+            .lookup(&generation.cache.tag(address, password))?;
+        Some(decide(
+            Some(account),
             organisation.as_ref(),
             credential,
             protocol,
-        );
-        let proven = !matches!(decision, Decision::Deny(LoginResult::InvalidCredentials));
-        AuthOutcome {
-            decision,
-            account: if proven { account } else { None },
-            credential,
-        }
+        ))
     }
 
     /// Runs the hashes of `account` (or the dummy hash) on the blocking pool.
@@ -156,6 +167,23 @@ impl Authenticator {
                 Credential::Invalid
             }
         }
+    }
+}
+
+/// The policy's decision on a verified (or failed) credential; the account is handed out only
+/// when the credential was proven for it.
+fn decide(
+    account: Option<Arc<Account>>,
+    organisation: Option<&Organisation>,
+    credential: Credential,
+    protocol: Protocol,
+) -> AuthOutcome {
+    let decision = policy::decide(account.as_deref(), organisation, credential, protocol);
+    let proven = !matches!(decision, Decision::Deny(LoginResult::InvalidCredentials));
+    AuthOutcome {
+        decision,
+        account: if proven { account } else { None },
+        credential,
     }
 }
 
@@ -385,6 +413,31 @@ mod tests {
             assert_eq!(ok.decision, Allow);
             assert_eq!(auth.hash_verifications(), n);
         }
+    }
+
+    #[tokio::test]
+    async fn cached_only_answers_proven_passwords_and_hashes_nothing() {
+        let auth = Authenticator::new(demo_store());
+        let cold = auth.authenticate_cached("alice@skydesk.jp", b"alice-pass", Imap);
+        assert!(cold.is_none(), "not proven yet");
+        let ok = auth
+            .authenticate("alice@skydesk.jp", b"alice-pass", Imap)
+            .await;
+        assert_eq!(ok.decision, Allow);
+        assert_eq!(auth.hash_verifications(), 1);
+        let warm = auth.authenticate_cached("alice@skydesk.jp", b"alice-pass", Smtp);
+        assert_eq!(warm.map(|o| o.decision), Some(Allow));
+        assert!(auth
+            .authenticate_cached("alice@skydesk.jp", b"guess", Imap)
+            .is_none());
+        assert!(auth
+            .authenticate_cached("nobody@skydesk.jp", b"alice-pass", Imap)
+            .is_none());
+        // The policy still applies to a cached credential.
+        let _ = auth.authenticate("bob@skydesk.jp", b"bob-pass", Imap).await;
+        let bob = auth.authenticate_cached("bob@skydesk.jp", b"bob-pass", Imap);
+        assert_eq!(bob.map(|o| o.decision), Some(Deny(AppPasswordRequired)));
+        assert_eq!(auth.hash_verifications(), 2, "cached-only never hashes");
     }
 
     #[test]

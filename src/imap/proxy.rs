@@ -137,6 +137,7 @@ async fn log_in(
 ) -> Result<(Grant, String, BackendSession), LoginResult> {
     let grant = authorize(
         &conn.context,
+        conn.peer.ip(),
         &credentials.username,
         credentials.authzid.as_deref(),
         credentials.password.as_bytes(),

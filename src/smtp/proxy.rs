@@ -163,6 +163,7 @@ async fn log_in(
 ) -> Result<(Grant, String, BackendSession), LoginResult> {
     let grant = authorize(
         &conn.context,
+        conn.peer.ip(),
         &credentials.username,
         credentials.authzid.as_deref(),
         credentials.password.expose().as_bytes(),

@@ -83,6 +83,9 @@ pub struct MailgateOpts {
     pub smtp_login: String,
     /// Every pool's `health:` value (a YAML flow mapping).
     pub health: String,
+    /// Adds `imaps-proxied` and `imap-proxied`: the IMAP listeners again with
+    /// `proxy_protocol: true` (set `limits.trusted_proxies` too).
+    pub proxied_listeners: bool,
 }
 
 impl MailgateOpts {
@@ -95,6 +98,7 @@ impl MailgateOpts {
             drain_timeout: "30s".into(),
             smtp_login: "xclient".into(),
             health: "{ interval: 5s, timeout: 2s, fall: 2, rise: 2 }".into(),
+            proxied_listeners: false,
         }
     }
 
@@ -230,12 +234,20 @@ impl Mailgate {
         }
     }
 
-    /// IMAP listeners always; SMTP ones when the pools have SMTP backends.
-    fn listeners(opts: &MailgateOpts) -> Vec<(&'static str, &'static str, &'static str)> {
-        let mut listeners = vec![("imaps", "imap", "implicit"), ("imap", "imap", "starttls")];
+    /// IMAP listeners always; SMTP ones when the pools have SMTP backends; the proxied IMAP
+    /// ones when asked for. (name, protocol, tls, proxy_protocol)
+    fn listeners(opts: &MailgateOpts) -> Vec<(&'static str, &'static str, &'static str, bool)> {
+        let mut listeners = vec![
+            ("imaps", "imap", "implicit", false),
+            ("imap", "imap", "starttls", false),
+        ];
         if !opts.imap.smtp.is_empty() || !opts.imappro.smtp.is_empty() {
-            listeners.push(("submissions", "smtp", "implicit"));
-            listeners.push(("submission", "smtp", "starttls"));
+            listeners.push(("submissions", "smtp", "implicit", false));
+            listeners.push(("submission", "smtp", "starttls", false));
+        }
+        if opts.proxied_listeners {
+            listeners.push(("imaps-proxied", "imap", "implicit", true));
+            listeners.push(("imap-proxied", "imap", "starttls", true));
         }
         listeners
     }
@@ -243,10 +255,10 @@ impl Mailgate {
     fn config(dir: &Path, opts: &MailgateOpts) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "listeners:");
-        for (name, protocol, tls) in Self::listeners(opts) {
+        for (name, protocol, tls, proxy_protocol) in Self::listeners(opts) {
             let _ = writeln!(
                 out,
-                "  - {{ name: {name}, protocol: {protocol}, address: \"127.0.0.1:0\", tls: {tls} }}"
+                "  - {{ name: {name}, protocol: {protocol}, address: \"127.0.0.1:0\", tls: {tls}, proxy_protocol: {proxy_protocol} }}"
             );
         }
         let _ = writeln!(out, "tls:");
