@@ -242,7 +242,10 @@ mod tests {
         backend_side.read_to_end(&mut rest).await.expect("eof");
         drop(backend_side);
         client_side.read_to_end(&mut rest).await.expect("eof");
-        assert!(rest.is_empty(), "mailgate's own tagged reply was shown: {rest:?}");
+        assert!(
+            rest.is_empty(),
+            "mailgate's own tagged reply was shown: {rest:?}"
+        );
         let (end, stats) = relay.await.expect("join");
         assert_eq!(end, RelayEnd::Closed);
         assert_eq!(stats.client_to_backend, 33 + 34);
