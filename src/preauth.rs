@@ -158,7 +158,7 @@ async fn hand_over(
         crate::imap::aware::Aware::new(crate::imap::aware::Rules::of(&grant.account), &reply)
     });
     let reply = match aware {
-        Some(_) => crate::imap::aware::Aware::strip_compress(&reply),
+        Some(_) => crate::imap::aware::Aware::strip_capabilities(&reply),
         None => reply,
     };
     if write(&mut client, &reply).await.is_err() {

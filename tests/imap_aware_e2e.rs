@@ -171,6 +171,7 @@ print("copy hidden:", result(lambda: m.copy("1", "Private")))
 print("uid move hidden:", result(lambda: m.uid("MOVE", "1:*", "Private")))
 print("copy visible:", result(lambda: m.copy("1", "Work.Projects")))
 print("create visible:", result(lambda: m.create("Work.New")))
+print("catenate:", result(lambda: m._simple_command("APPEND", "Work", "CATENATE", '(URL "/Private/;UID=1")')))
 print("compress:", result(lambda: m._simple_command("COMPRESS", "DEFLATE")))
 m.logout()
 
@@ -228,6 +229,10 @@ m.logout()
     ] {
         assert!(line(&out, key).starts_with("OK"), "{key}:\n{out}");
     }
+    assert_eq!(
+        line(&out, "catenate"),
+        "NO [CANNOT] IMAP URLs are not available on this connection"
+    );
     assert_eq!(
         line(&out, "compress"),
         "NO [CANNOT] COMPRESS is not available on this connection"

@@ -42,6 +42,9 @@ pub enum Refusal {
     Compress,
     /// STARTTLS is not valid after login.
     StartTls,
+    /// `APPEND ... CATENATE (URL ...)`, `URLFETCH`, `GENURLAUTH`: IMAP URLs name mailboxes
+    /// the filter cannot check.
+    Urls,
 }
 
 /// The one place a refusal becomes a wire reply.
@@ -52,6 +55,7 @@ pub fn refusal_reply(tag: &[u8], refusal: Refusal) -> Vec<u8> {
         Refusal::TooLong => b"BAD [TOOBIG] Command too long",
         Refusal::Compress => b"NO [CANNOT] COMPRESS is not available on this connection",
         Refusal::StartTls => b"BAD [CLIENTBUG] STARTTLS is not valid after login",
+        Refusal::Urls => b"NO [CANNOT] IMAP URLs are not available on this connection",
     };
     let tag: &[u8] = if tag.is_empty() { b"*" } else { tag };
     let mut out = Vec::with_capacity(tag.len() + text.len() + 3);
@@ -221,21 +225,34 @@ impl Aware {
         }
     }
 
-    /// Removes `COMPRESS=...` from a capability list the client is about to see: the filter
-    /// cannot read a compressed stream.
-    pub fn strip_compress(reply: &[u8]) -> Vec<u8> {
+    /// Removes from the login reply's `[CAPABILITY ...]` what an aware session does not
+    /// offer: `COMPRESS=` (the filter must read the stream) and `CATENATE` / `URLAUTH` (IMAP
+    /// URLs name mailboxes where the filter does not look).
+    pub fn strip_capabilities(reply: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(reply.len());
-        let mut rest = reply;
-        while let Some(at) = find_ci(rest, b" COMPRESS=") {
-            out.extend_from_slice(rest.get(..at).unwrap_or_default());
-            let after = rest.get(at + 1..).unwrap_or_default();
-            let end = after
+        let mut in_list = false;
+        for (i, word) in reply.split(|&b| b == b' ').enumerate() {
+            let core_len = word
                 .iter()
-                .position(|&b| b == b' ' || b == b']' || b == b'\r' || b == b'\n')
-                .unwrap_or(after.len());
-            rest = after.get(end..).unwrap_or_default();
+                .position(|&b| b == b']' || b == b'\r' || b == b'\n')
+                .unwrap_or(word.len());
+            let (core, suffix) = word.split_at(core_len);
+            let dropped = in_list && unoffered(core);
+            if word.eq_ignore_ascii_case(b"[CAPABILITY") {
+                in_list = true;
+            } else if !suffix.is_empty() {
+                in_list = false;
+            }
+            if dropped {
+                // What closed the list (`]`) stays, on the word before.
+                out.extend_from_slice(suffix);
+                continue;
+            }
+            if i > 0 {
+                out.push(b' ');
+            }
+            out.extend_from_slice(word);
         }
-        out.extend_from_slice(rest);
         out
     }
 
@@ -365,6 +382,9 @@ impl Aware {
             }
             b"COMPRESS" => self.refuse_line(&line, Refusal::Compress),
             b"STARTTLS" => self.refuse_line(&line, Refusal::StartTls),
+            b"URLFETCH" | b"GENURLAUTH" | b"RESETKEY" if hides => {
+                self.refuse_line(&line, Refusal::Urls)
+            }
             _ => {
                 if name == b"IDLE" {
                     self.idle_tag = Some(self.up_tag.clone());
@@ -482,6 +502,18 @@ impl Aware {
                 } else {
                     Refusal::Hidden
                 });
+            }
+        }
+        if name == b"APPEND" {
+            // Flags and date, then the message: a literal, or CATENATE with URLs.
+            loop {
+                match c.token() {
+                    Ok(Token::List | Token::Str(_)) => {}
+                    Ok(Token::Atom(a)) if a.eq_ignore_ascii_case(b"CATENATE") => {
+                        return Decision::Refuse(Refusal::Urls)
+                    }
+                    _ => break,
+                }
             }
         }
         Decision::Pass
@@ -970,10 +1002,11 @@ fn line_is(line: &[u8], word: &[u8]) -> bool {
     line.eq_ignore_ascii_case(word)
 }
 
-fn find_ci(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|w| w.eq_ignore_ascii_case(needle))
+/// Capabilities an aware session does not offer.
+fn unoffered(word: &[u8]) -> bool {
+    starts_ci(word, b"COMPRESS=")
+        || starts_ci(word, b"URLAUTH")
+        || word.eq_ignore_ascii_case(b"CATENATE")
 }
 
 fn has_capability(text: &[u8], name: &[u8]) -> bool {
@@ -1382,7 +1415,7 @@ mod tests {
     }
 
     #[test]
-    fn compress_and_starttls_are_answered_by_mailgate() {
+    fn compress_starttls_and_urls_are_answered_by_mailgate() {
         let (to_client, to_backend) =
             client_all_splits(filter, b"g1 COMPRESS DEFLATE\r\ng2 STARTTLS\r\n");
         assert_eq!(
@@ -1391,9 +1424,20 @@ mod tests {
         );
         assert!(to_backend.is_empty());
         assert_eq!(
-            Aware::strip_compress(b"t OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE MOVE] x\r\n"),
-            b"t OK [CAPABILITY IMAP4rev1 MOVE] x\r\n".to_vec()
+            Aware::strip_capabilities(
+                b"t OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE CATENATE MOVE URLAUTH] CATENATE\r\n"
+            ),
+            b"t OK [CAPABILITY IMAP4rev1 MOVE] CATENATE\r\n".to_vec()
         );
+        let (to_client, to_backend) = client_all_splits(
+            filter,
+            b"g3 APPEND Work (\\Seen) CATENATE (URL \"/Private;UID=1\")\r\ng4 URLFETCH x\r\n",
+        );
+        assert_eq!(
+            to_client,
+            b"g3 NO [CANNOT] IMAP URLs are not available on this connection\r\ng4 NO [CANNOT] IMAP URLs are not available on this connection\r\n".to_vec()
+        );
+        assert!(to_backend.is_empty());
     }
 
     #[test]
