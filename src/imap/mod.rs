@@ -1,4 +1,5 @@
-//! IMAP: the pre-auth session (pure), replies, backend login, connection driver.
+//! IMAP: the pre-auth session (pure), replies, backend login, connection driver, and the
+//! IMAP-aware relay (`aware`: the filter, pure; `aware_relay`: its driver).
 
 pub mod aware;
 pub mod aware_relay;
