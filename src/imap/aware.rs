@@ -69,7 +69,8 @@ pub fn refusal_reply(tag: &[u8], refusal: Refusal) -> Vec<u8> {
 /// The account's rules, in the protocol's encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
-    /// The visible folders, modified UTF-7; `None` = all.
+    /// The visible folders, in modified UTF-7 and, for a client that ENABLEd UTF8=ACCEPT
+    /// (RFC 6855), in UTF-8 too; `None` = all.
     pub folders: Option<Vec<Vec<u8>>>,
     pub expunge_immediately: bool,
 }
@@ -77,10 +78,17 @@ pub struct Rules {
 impl Rules {
     pub fn of(account: &Account) -> Rules {
         Rules {
-            folders: account
-                .imap_folders
-                .as_ref()
-                .map(|names| names.iter().map(|n| utf7_encode(n)).collect()),
+            folders: account.imap_folders.as_ref().map(|names| {
+                let mut encoded = Vec::new();
+                for name in names {
+                    let utf7 = utf7_encode(name);
+                    if utf7 != name.as_bytes() {
+                        encoded.push(name.as_bytes().to_vec());
+                    }
+                    encoded.push(utf7);
+                }
+                encoded
+            }),
             expunge_immediately: account.imap_delete == DeleteMode::ExpungeImmediately,
         }
     }
@@ -1297,6 +1305,27 @@ mod tests {
         f.backend_bytes(b"* LIST (\\HasNoChildren) \".\" INBOX\r\n");
         assert!(f.visible(b"Sent.2024"));
         assert!(!f.visible(b"Sent/2024"));
+    }
+
+    #[test]
+    fn rules_match_names_in_both_encodings() {
+        let account = Account {
+            address: "grace@example.com".into(),
+            password: None,
+            imap: crate::accounts::Switch::Enabled,
+            smtp: crate::accounts::Switch::Enabled,
+            two_step: false,
+            federated: None,
+            app_passwords: Vec::new(),
+            imap_folders: Some(vec!["INBOX".into(), "Пример".into()]),
+            imap_delete: DeleteMode::MarkOnly,
+        };
+        let f = Aware::new(Rules::of(&account), CAPS);
+        assert!(f.visible(b"&BB8EQAQ4BDwENQRA-.Sub"));
+        assert!(f.visible("Пример/Sub".as_bytes()));
+        assert!(!f.visible("Приме".as_bytes()));
+        assert!(!f.visible(b"Private"));
+        assert!(!f.rules.expunge_immediately);
     }
 
     #[test]
