@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::backend::BackendStream;
 use crate::config::{ListenerTls, Protocol};
 use crate::login::Grant;
-use crate::server::{goodbye, write, ClientStream, Connection, SessionLog, Spliced};
+use crate::server::{goodbye, write, AwareSession, ClientStream, Connection, SessionLog, Spliced};
 use crate::shutdown::Phase;
 
 /// How a pre-auth session runs on its stream.
@@ -152,9 +152,21 @@ async fn hand_over(
     } = session;
     log.user = Some(grant.route.address.clone());
     log.pool = Some(grant.route.pool.name.clone());
+    // Rules 5-6 need the IMAP-aware relay; it takes what the client pipelined through its
+    // filter, and the client is not offered COMPRESS (the filter must read the stream).
+    let aware = (protocol == Protocol::Imap && grant.account.needs_imap_filter()).then(|| {
+        crate::imap::aware::Aware::new(crate::imap::aware::Rules::of(&grant.account), &reply)
+    });
+    let reply = match aware {
+        Some(_) => crate::imap::aware::Aware::strip_capabilities(&reply),
+        None => reply,
+    };
     if write(&mut client, &reply).await.is_err() {
         log.end = "client_gone";
-    } else if !pipelined.is_empty() && write(&mut backend, &pipelined).await.is_err() {
+    } else if aware.is_none()
+        && !pipelined.is_empty()
+        && write(&mut backend, &pipelined).await.is_err()
+    {
         log.end = "backend_gone";
     } else {
         log.client_to_backend += pipelined.len() as u64;
@@ -168,6 +180,7 @@ async fn hand_over(
             bye_shutdown: goodbyes.shutdown,
             bye_idle: goodbyes.idle,
             session: grant.session,
+            aware: aware.map(|filter| Box::new(AwareSession { filter, pipelined })),
         });
     }
     log.emit(&conn);

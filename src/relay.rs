@@ -270,7 +270,7 @@ where
 
 /// An ordinary way for a peer to go away (a reset, or TLS closed without close_notify, as
 /// many clients do): not an error worth reporting.
-fn is_disconnect(e: &io::Error) -> bool {
+pub(crate) fn is_disconnect(e: &io::Error) -> bool {
     use io::ErrorKind::*;
     matches!(
         e.kind(),

@@ -598,6 +598,16 @@ pub struct Spliced {
     pub bye_idle: &'static [u8],
     /// The login's place under `max_sessions_per_user_ip`, given back when the splice ends.
     pub session: SessionPermit,
+    /// The IMAP-aware relay's filter, for accounts with folder or delete rules; `None`: the
+    /// plain splice.
+    pub aware: Option<Box<AwareSession>>,
+}
+
+/// An IMAP session for the aware relay (`imap::aware_relay`).
+pub struct AwareSession {
+    pub filter: crate::imap::aware::Aware,
+    /// What the client sent after its login, for the filter before the backend.
+    pub pipelined: bytes::BytesMut,
 }
 
 impl Spliced {
@@ -612,13 +622,31 @@ impl Spliced {
             bye_shutdown,
             bye_idle,
             session,
+            aware,
         } = self;
         let protocol = conn.listener.config.protocol;
         let idle = conn.context.config.limits.idle_timeout.0;
         let context = conn.context.clone();
         let meter = context.metrics.relay_meter(protocol);
-        let (end, stats) =
-            crate::relay::splice(&mut client, &mut backend, idle, &mut conn.shutdown, meter).await;
+        let (end, stats) = match aware {
+            Some(aware) => {
+                let AwareSession { filter, pipelined } = *aware;
+                crate::imap::aware_relay::relay(
+                    &mut client,
+                    &mut backend,
+                    filter,
+                    &pipelined,
+                    idle,
+                    &mut conn.shutdown,
+                    meter,
+                )
+                .await
+            }
+            None => {
+                crate::relay::splice(&mut client, &mut backend, idle, &mut conn.shutdown, meter)
+                    .await
+            }
+        };
         log.client_to_backend += stats.client_to_backend;
         log.backend_to_client += stats.backend_to_client;
         log.end = end.as_str();

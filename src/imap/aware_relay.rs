@@ -1,0 +1,286 @@
+//! The IMAP-aware relay's driver: the sockets around `imap::aware`'s filter, with the splice's
+//! idle timeout, drain and byte counts.
+//!
+//! Two pumps run in one task: client → filter → backend, and backend → filter → client. Each
+//! is the only writer of its destination; the filter's own lines for the other side (a `NO` to
+//! the client, an `EXPUNGE` to the backend) wake the other pump. Back-pressure is the
+//! splice's: a pump that cannot write does not read; the client is not read either while
+//! mailgate's own replies to it pile up.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::buffers::RELAY_BUFFER;
+use crate::imap::aware::Aware;
+use crate::relay::{is_disconnect, Meter, RelayEnd, RelayStats};
+use crate::shutdown::{Phase, Shutdown};
+
+/// The client is not read while this much waits to be written to it.
+const CLIENT_BACKLOG: usize = 256 * 1024;
+
+/// Relays a logged-in IMAP session through `filter` until both sides are done, the idle
+/// timeout passes, or the shutdown reaches `Closing`. `pipelined` is what the client sent
+/// after its login (not yet seen by the backend). The streams stay the caller's, for the
+/// goodbye.
+pub async fn relay<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    filter: Aware,
+    pipelined: &[u8],
+    idle_timeout: Duration,
+    shutdown: &mut Shutdown,
+    meter: &(dyn Meter + Sync),
+) -> (RelayEnd, RelayStats)
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let filter = Mutex::new(filter);
+    lock(&filter).client_bytes(pipelined);
+    let wake_up = Notify::new();
+    let wake_down = Notify::new();
+    let start = Instant::now();
+    // Milliseconds after `start` of the last read either way.
+    let last_ms = AtomicU64::new(0);
+    let touch = || {
+        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last_ms.store(ms, Ordering::Relaxed);
+    };
+    let last = || start + Duration::from_millis(last_ms.load(Ordering::Relaxed));
+    let up_bytes = AtomicU64::new(0);
+    let down_bytes = AtomicU64::new(0);
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut backend_rd, mut backend_wr) = tokio::io::split(backend);
+
+    let up = async {
+        let mut buf = vec![0u8; RELAY_BUFFER];
+        loop {
+            let out = lock(&filter).take_for_backend();
+            if !out.is_empty() {
+                backend_wr.write_all(&out).await?;
+                backend_wr.flush().await?;
+            }
+            let full = lock(&filter).client_backlog() > CLIENT_BACKLOG;
+            tokio::select! {
+                r = client_rd.read(&mut buf), if !full => {
+                    let n = r?;
+                    if n == 0 {
+                        backend_wr.shutdown().await?;
+                        return Ok::<(), io::Error>(());
+                    }
+                    touch();
+                    up_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    meter.client_to_backend(n as u64);
+                    let mut f = lock(&filter);
+                    f.client_bytes(buf.get(..n).unwrap_or_default());
+                    if f.client_backlog() > 0 {
+                        wake_down.notify_one();
+                    }
+                }
+                () = wake_up.notified() => {}
+            }
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; RELAY_BUFFER];
+        loop {
+            let out = lock(&filter).take_for_client();
+            if !out.is_empty() {
+                client_wr.write_all(&out).await?;
+                client_wr.flush().await?;
+                // The client may be read again.
+                wake_up.notify_one();
+            }
+            tokio::select! {
+                r = backend_rd.read(&mut buf) => {
+                    let n = r?;
+                    if n == 0 {
+                        let out = lock(&filter).take_for_client();
+                        client_wr.write_all(&out).await?;
+                        client_wr.shutdown().await?;
+                        return Ok::<(), io::Error>(());
+                    }
+                    touch();
+                    down_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    meter.backend_to_client(n as u64);
+                    let mut f = lock(&filter);
+                    f.backend_bytes(buf.get(..n).unwrap_or_default());
+                    if f.has_for_backend() {
+                        wake_up.notify_one();
+                    }
+                }
+                () = wake_down.notified() => {}
+            }
+        }
+    };
+    let idle = async {
+        loop {
+            tokio::time::sleep_until(last() + idle_timeout).await;
+            if last() + idle_timeout <= Instant::now() {
+                return;
+            }
+        }
+    };
+    let end = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => match r {
+            Ok(_) => RelayEnd::Closed,
+            Err(e) if is_disconnect(&e) => RelayEnd::Closed,
+            Err(_) => RelayEnd::Error,
+        },
+        () = idle => RelayEnd::IdleTimeout,
+        () = shutdown.reached(Phase::Closing) => RelayEnd::Shutdown,
+    };
+    let stats = RelayStats {
+        client_to_backend: up_bytes.load(Ordering::Relaxed),
+        backend_to_client: down_bytes.load(Ordering::Relaxed),
+    };
+    (end, stats)
+}
+
+/// The filter is only ever locked between awaits, by one task: never contended, and a panic
+/// cannot happen while it is held, so poisoning is not a state worth a branch.
+fn lock(filter: &Mutex<Aware>) -> MutexGuard<'_, Aware> {
+    filter.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::aware::{utf7_encode, Rules};
+    use crate::relay::NoMeter;
+
+    fn filter() -> Aware {
+        Aware::new(
+            Rules {
+                folders: Some(vec![utf7_encode("INBOX"), utf7_encode("Work")]),
+                expunge_immediately: true,
+            },
+            b"a OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS] Logged in\r\n",
+        )
+    }
+
+    async fn read_until(stream: &mut (impl AsyncRead + Unpin), needle: &[u8]) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(needle.len()).any(|w| w == needle) {
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(n > 0, "EOF before {:?} in {:?}", needle, got);
+            got.extend_from_slice(buf.get(..n).unwrap_or_default());
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn refuses_filters_expunges_and_counts() {
+        let (mut client_side, mut client) = tokio::io::duplex(1024);
+        let (mut backend, mut backend_side) = tokio::io::duplex(1024);
+        let (_trigger, mut shutdown) = crate::shutdown::channel();
+        let relay = tokio::spawn(async move {
+            relay(
+                &mut client,
+                &mut backend,
+                filter(),
+                b"p0 NOOP\r\n",
+                Duration::from_secs(60),
+                &mut shutdown,
+                &NoMeter,
+            )
+            .await
+        });
+        // The pipelined command reaches the backend first.
+        assert_eq!(read_until(&mut backend_side, b"\r\n").await, b"p0 NOOP\r\n");
+        client_side
+            .write_all(b"a1 SELECT Private\r\na2 LIST \"\" *\r\n")
+            .await
+            .expect("write");
+        assert_eq!(
+            read_until(&mut client_side, b"\r\n").await,
+            b"a1 NO [NONEXISTENT] No such folder\r\n"
+        );
+        assert_eq!(
+            read_until(&mut backend_side, b"\r\n").await,
+            b"a2 LIST \"\" *\r\n"
+        );
+        backend_side
+            .write_all(b"* LIST () \".\" INBOX\r\n* LIST () \".\" Private\r\na2 OK done\r\n")
+            .await
+            .expect("write");
+        assert_eq!(
+            read_until(&mut client_side, b"a2 OK done\r\n").await,
+            b"* LIST () \".\" INBOX\r\na2 OK done\r\n"
+        );
+        client_side
+            .write_all(b"a3 UID STORE 7 +FLAGS (\\Deleted)\r\n")
+            .await
+            .expect("write");
+        read_until(&mut backend_side, b"\r\n").await;
+        backend_side
+            .write_all(b"a3 OK stored\r\n")
+            .await
+            .expect("write");
+        assert_eq!(
+            read_until(&mut backend_side, b"\r\n").await,
+            b"mgx1 UID EXPUNGE 7\r\n"
+        );
+        backend_side
+            .write_all(b"* 1 EXPUNGE\r\nmgx1 OK gone\r\n")
+            .await
+            .expect("write");
+        assert_eq!(
+            read_until(&mut client_side, b"* 1 EXPUNGE\r\n").await,
+            b"a3 OK stored\r\n* 1 EXPUNGE\r\n"
+        );
+        // Half-close both ways ends the relay.
+        client_side.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        backend_side.read_to_end(&mut rest).await.expect("eof");
+        drop(backend_side);
+        client_side.read_to_end(&mut rest).await.expect("eof");
+        assert!(
+            rest.is_empty(),
+            "mailgate's own tagged reply was shown: {rest:?}"
+        );
+        let (end, stats) = relay.await.expect("join");
+        assert_eq!(end, RelayEnd::Closed);
+        assert_eq!(stats.client_to_backend, 33 + 34);
+        assert_eq!(stats.backend_to_client, 56 + 14 + 27);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_and_drain_end_it() {
+        let (_client_side, mut client) = tokio::io::duplex(64);
+        let (mut backend, _backend_side) = tokio::io::duplex(64);
+        let (_trigger, mut shutdown) = crate::shutdown::channel();
+        let (end, _) = relay(
+            &mut client,
+            &mut backend,
+            filter(),
+            b"",
+            Duration::from_secs(1800),
+            &mut shutdown,
+            &NoMeter,
+        )
+        .await;
+        assert_eq!(end, RelayEnd::IdleTimeout);
+
+        let (trigger, mut shutdown) = crate::shutdown::channel();
+        trigger.advance(Phase::Closing);
+        let (end, _) = relay(
+            &mut client,
+            &mut backend,
+            filter(),
+            b"",
+            Duration::from_secs(1800),
+            &mut shutdown,
+            &NoMeter,
+        )
+        .await;
+        assert_eq!(end, RelayEnd::Shutdown);
+    }
+}
