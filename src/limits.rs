@@ -24,6 +24,7 @@
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::{BuildHasher as _, RandomState};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -93,9 +94,14 @@ struct Counts {
     total: AtomicU32,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
     sessions: Mutex<HashMap<SessionKey, u32>>,
+    /// Keys the session map (randomly seeded, so a user name cannot be picked to share
+    /// another's count).
+    session_hasher: RandomState,
 }
 
-type SessionKey = (Protocol, String, IpAddr);
+/// A (protocol, user, address) triple as a 64-bit hash: a permit held by every logged-in
+/// session for hours carries 8 bytes instead of a copy of the user name.
+type SessionKey = u64;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while counting cannot leave a count half-written; go on with the data.
@@ -327,13 +333,13 @@ impl<C: Clock + Clone> Limiter<C> {
                 key: None,
             });
         }
-        let key = (protocol, user.to_string(), ip);
+        let key = self.counts.session_hasher.hash_one((protocol, user, ip));
         let mut sessions = lock(&self.counts.sessions);
         let n = sessions.get(&key).copied().unwrap_or(0);
         if n >= self.max_sessions_per_user_ip {
             return None;
         }
-        sessions.insert(key.clone(), n + 1);
+        sessions.insert(key, n + 1);
         Some(SessionPermit {
             counts: Arc::clone(&self.counts),
             key: Some(key),

@@ -631,7 +631,8 @@ impl Spliced {
         let (end, stats) = match aware {
             Some(aware) => {
                 let AwareSession { filter, pipelined } = *aware;
-                crate::imap::aware_relay::relay(
+                // Boxed: inline, its state would make every spliced session's task larger.
+                Box::pin(crate::imap::aware_relay::relay(
                     &mut client,
                     &mut backend,
                     filter,
@@ -639,7 +640,7 @@ impl Spliced {
                     idle,
                     &mut conn.shutdown,
                     meter,
-                )
+                ))
                 .await
             }
             None => {
