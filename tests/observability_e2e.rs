@@ -821,7 +821,7 @@ fn alert_rules_pass_promtool() {
         Duration::from_secs(30),
     );
     assert!(check.success(), "{check}");
-    assert!(check.stdout.contains("SUCCESS: 7 rules found"), "{check}");
+    assert!(check.stdout.contains("SUCCESS: 8 rules found"), "{check}");
     let test = run_cmd(
         "promtool",
         &["test", "rules", &tests.display().to_string()],
@@ -840,7 +840,7 @@ fn alert_rules_pass_promtool() {
             "{line} has no test"
         );
     }
-    assert_eq!(rules_text.matches("severity:").count(), 7);
-    assert_eq!(rules_text.matches("summary:").count(), 7);
-    assert_eq!(rules_text.matches("description:").count(), 7);
+    assert_eq!(rules_text.matches("severity:").count(), 8);
+    assert_eq!(rules_text.matches("summary:").count(), 8);
+    assert_eq!(rules_text.matches("description:").count(), 8);
 }
