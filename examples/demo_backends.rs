@@ -80,6 +80,14 @@ fn main() -> anyhow::Result<()> {
                      You reached it through mailgate.\r\n"
                 );
                 dovecot.deliver(u, "INBOX", message.as_bytes());
+                // Folders for the folder-visibility rule to show (grace sees INBOX, Sent and
+                // Work; Private stays hidden from her IMAP clients).
+                for folder in ["Sent", "Work", "Private"] {
+                    let note = format!(
+                        "From: postmaster@skydesk.jp\r\nTo: {u}\r\nSubject: In {folder}\r\n\r\nA message in {folder}.\r\n"
+                    );
+                    dovecot.deliver(u, folder, note.as_bytes());
+                }
             }
             println!(
                 "demo backend: pool {name}: Dovecot on {} with {} users (mail under {})",
