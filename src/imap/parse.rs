@@ -886,10 +886,182 @@ pub(crate) mod prop_tests {
         ]
     }
 
-    /// Near-valid client input: tokens of commands, arguments, literal headers and line
-    /// ends, mixed with random bytes.
-    pub(crate) fn imap_noise() -> impl Strategy<Value = Vec<u8>> {
+    /// Token soup: command words, arguments, literal headers and line ends mixed with random
+    /// bytes.
+    fn soup() -> impl Strategy<Value = Vec<u8>> {
         prop::collection::vec(token(), 0..48).prop_map(|tokens| tokens.concat())
+    }
+
+    /// A line ending, mostly a proper one.
+    fn eol() -> impl Strategy<Value = &'static [u8]> {
+        prop_oneof![
+            6 => Just(&b"\r\n"[..]),
+            2 => Just(&b"\n"[..]),
+            1 => Just(&b"\r"[..]),
+            1 => Just(&b""[..]),
+        ]
+    }
+
+    /// A literal with its data; the declared size is sometimes not the size sent.
+    fn literal() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::collection::vec(any::<u8>(), 0..24),
+            any::<bool>(),
+            eol(),
+            prop_oneof![8 => Just(0i64), 1 => -3i64..4, 1 => Just(LITERAL_MAX as i64)],
+        )
+            .prop_map(|(data, plus, eol, delta)| {
+                let size = (data.len() as i64 + delta).max(0);
+                let plus = if plus { "+" } else { "" };
+                [format!("{{{size}{plus}}}").as_bytes(), eol, &data].concat()
+            })
+    }
+
+    /// One argument of a pre-auth command.
+    fn argument() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => "[A-Za-z0-9@._-]{1,16}".prop_map(String::into_bytes),
+            2 => (prop::collection::vec(any::<u8>(), 0..16), form(), any::<bool>())
+                .prop_map(|(v, f, crlf)| astring(&v, f, crlf)),
+            2 => literal(),
+            1 => "[A-Za-z0-9+/]{0,24}={0,2}".prop_map(String::into_bytes),
+            1 => Just(b"=".to_vec()),
+            1 => Just(b"NIL".to_vec()),
+            1 => prop::collection::vec("\"[a-z]{1,8}\" (\"[a-z ]{0,8}\"|NIL)", 0..4)
+                .prop_map(|pairs| format!("({})", pairs.join(" ")).into_bytes()),
+            1 => token(),
+        ]
+    }
+
+    /// A command line as a client might send it, with a random token slipped in now and
+    /// then; or an AUTHENTICATE response line.
+    fn command_like() -> impl Strategy<Value = Vec<u8>> {
+        let tag = prop_oneof![
+            8 => "[A-Za-z0-9.]{1,8}",
+            1 => "[a-z]{65,70}",
+            1 => Just(String::new()),
+            1 => Just("*".to_owned()),
+        ];
+        let name = prop::sample::select(vec![
+            "LOGIN",
+            "login",
+            "AUTHENTICATE",
+            "ID",
+            "CAPABILITY",
+            "NOOP",
+            "LOGOUT",
+            "STARTTLS",
+            "SELECT",
+            "FETCH",
+            "XYZZY",
+            "",
+        ]);
+        let mechanism = prop::sample::select(vec!["PLAIN", "LOGIN", "plain", "CRAM-MD5"]);
+        let command = (
+            tag,
+            name,
+            mechanism,
+            prop::collection::vec(argument(), 0..4),
+            eol(),
+        )
+            .prop_map(|(tag, name, mechanism, args, eol)| {
+                let mut line = format!("{tag} {name}").into_bytes();
+                if name == "AUTHENTICATE" {
+                    line.push(b' ');
+                    line.extend_from_slice(mechanism.as_bytes());
+                }
+                for arg in args {
+                    line.push(b' ');
+                    line.extend_from_slice(&arg);
+                }
+                line.extend_from_slice(eol);
+                line
+            });
+        let response = (
+            prop_oneof![
+                3 => prop::collection::vec(any::<u8>(), 0..24)
+                    .prop_map(|v| base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD, v).into_bytes()),
+                1 => Just(b"*".to_vec()),
+                1 => "[A-Za-z0-9+/= ]{0,12}".prop_map(String::into_bytes),
+            ],
+            eol(),
+        )
+            .prop_map(|(line, eol)| [&line[..], eol].concat());
+        prop_oneof![
+            6 => valid_command(),
+            4 => command,
+            1 => response,
+            1 => (command_noise(), token()).prop_map(|((mut line, at), junk)| {
+                let at = at.index(line.len() + 1);
+                line.splice(at..at, junk);
+                line
+            }),
+        ]
+    }
+
+    /// A well-formed pre-auth command (so that sessions get past the first few lines).
+    fn valid_command() -> impl Strategy<Value = Vec<u8>> {
+        let b64 =
+            |data: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, data);
+        (
+            "[A-Za-z0-9.]{1,8}",
+            0u8..16,
+            user(),
+            password(),
+            (form(), form()),
+            eol(),
+        )
+            .prop_map(move |(tag, kind, user, password, forms, eol)| {
+                let plain = [b"\0", user.as_bytes(), b"\0", &password].concat();
+                let eol = if eol.is_empty() { &b"\r\n"[..] } else { eol };
+                let crlf = eol == b"\r\n";
+                let body: Vec<u8> = match kind {
+                    0..=2 => b"NOOP".to_vec(),
+                    3 | 4 => b"CAPABILITY".to_vec(),
+                    5..=7 => [
+                        &b"LOGIN "[..],
+                        &astring(user.as_bytes(), forms.0, crlf),
+                        b" ",
+                        &astring(&password, forms.1, crlf),
+                    ]
+                    .concat(),
+                    8 => {
+                        format!("ID (\"name\" \"{}\")", user.replace(['"', '\\'], "")).into_bytes()
+                    }
+                    9 => b"ID NIL".to_vec(),
+                    10 => format!("AUTHENTICATE PLAIN {}", b64(&plain)).into_bytes(),
+                    11 => [b"AUTHENTICATE PLAIN", eol, b64(&plain).as_bytes()].concat(),
+                    12 => [
+                        b"AUTHENTICATE LOGIN",
+                        eol,
+                        b64(user.as_bytes()).as_bytes(),
+                        eol,
+                        b64(&password).as_bytes(),
+                    ]
+                    .concat(),
+                    13 => b"LOGOUT".to_vec(),
+                    14 => b"STARTTLS".to_vec(),
+                    _ => b"SELECT INBOX".to_vec(),
+                };
+                [tag.as_bytes(), b" ", &body, eol].concat()
+            })
+    }
+
+    fn command_noise() -> impl Strategy<Value = (Vec<u8>, Index)> {
+        (
+            "[A-Za-z0-9]{1,4} (LOGIN|AUTHENTICATE PLAIN|ID|NOOP) [a-z]{0,8}\r\n",
+            any::<Index>(),
+        )
+            .prop_map(|(line, at)| (line.into_bytes(), at))
+    }
+
+    /// Near-valid client input: mostly sequences of command-like lines, sometimes token soup.
+    pub(crate) fn imap_noise() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            4 => prop::collection::vec(command_like(), 0..12).prop_map(|lines| lines.concat()),
+            1 => soup(),
+        ]
     }
 
     /// A user name the parser accepts: UTF-8 without control characters.
