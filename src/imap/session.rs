@@ -1792,6 +1792,9 @@ mod prop_tests {
                         step = session.input(&[]);
                     }
                     Event::StartTls | Event::Logout | Event::Close => {
+                        // Nothing pipelined survives the plaintext session.
+                        prop_assert_eq!(session.buffered_len(), 0);
+                        prop_assert!(session.input(b"a NOOP\r\n").write.is_empty());
                         let _ = write!(seen, "<{event:?}>");
                         return Ok(seen);
                     }

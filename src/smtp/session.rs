@@ -1428,6 +1428,9 @@ pub(super) mod prop_tests {
                         step = session.input(&[]);
                     }
                     Event::StartTls | Event::Quit | Event::Close => {
+                        // Nothing pipelined survives the plaintext session.
+                        prop_assert!(session.buf.is_empty());
+                        prop_assert_eq!(session.input(b"NOOP\r\n"), Step::default());
                         let _ = write!(seen, "<{event:?}>");
                         return Ok(seen);
                     }
