@@ -664,11 +664,15 @@ impl Aware {
 
     fn down_held_line<'a>(&mut self, input: &'a [u8], look: Look) -> &'a [u8] {
         let (chunk, rest, complete) = until_lf(input);
+        // The bound is on the line without its LF, checked before the bytes are held: a line
+        // past it is too long whether or not its end came in the same read.
+        if self.down_buf.len() + chunk.len() - usize::from(complete) > RESPONSE_BOUND {
+            self.down_too_long(look);
+            return self.down_stream_line(input);
+        }
         self.down_buf.extend_from_slice(chunk);
         if complete {
             self.down_held_complete(look);
-        } else if self.down_buf.len() > RESPONSE_BOUND {
-            self.down_too_long(look);
         }
         rest
     }
@@ -1307,6 +1311,36 @@ mod tests {
         assert!(f.take_for_client().is_empty());
         f.backend_bytes(b"* LIST (\\HasNoChildren) \".\" (Work\r\n");
         assert!(f.take_for_client().is_empty());
+    }
+
+    /// Found by `prop_tests::chunking_does_not_matter`: a held response past the bound was
+    /// dropped when its end came in a later read, but looked at (and shown, and its delimiter
+    /// learnt) when the whole line came in one read.
+    #[test]
+    fn an_overlong_listing_is_dropped_however_it_arrives() {
+        let mut line = b"* LIST (".to_vec();
+        while line.len() <= RESPONSE_BOUND {
+            line.extend_from_slice(b"\\Flag ");
+        }
+        line.extend_from_slice(b") \"/\" INBOX\r\n");
+        let after: &[u8] = b"* STATUS Work/Plans (MESSAGES 3)\r\n";
+        let input = [&line[..], after].concat();
+        for at in [
+            0,
+            100,
+            RESPONSE_BOUND,
+            line.len() - 3,
+            line.len() - 1,
+            input.len(),
+        ] {
+            let mut f = filter();
+            let (a, b) = input.split_at(at);
+            f.backend_bytes(a);
+            assert!(f.held() <= RESPONSE_BOUND);
+            f.backend_bytes(b);
+            // Dropped unread, so "/" was not learnt and Work/Plans is still below Work.
+            assert_eq!(f.take_for_client(), after.to_vec(), "split at {at}");
+        }
     }
 
     #[test]
