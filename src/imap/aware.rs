@@ -1940,7 +1940,7 @@ mod prop_tests {
     }
 
     proptest! {
-        #![proptest_config(config(128))]
+        #![proptest_config(config(512))]
 
         /// No panic, and the filter holds no more than its bounds, whatever the two sides send
         /// and however their reads interleave.

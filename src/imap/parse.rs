@@ -1147,7 +1147,7 @@ pub(crate) mod prop_tests {
     }
 
     proptest! {
-        #![proptest_config(config(512))]
+        #![proptest_config(config(2048))]
 
         /// No panic on any input, and every answer stays inside the buffer and the caps.
         #[test]

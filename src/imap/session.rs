@@ -1842,7 +1842,7 @@ mod prop_tests {
     }
 
     proptest! {
-        #![proptest_config(config(256))]
+        #![proptest_config(config(1024))]
 
         /// No panic and no buffer past its cap on near-valid input, replies always whole
         /// printable lines, whether logins are refused or accepted.

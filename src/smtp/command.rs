@@ -239,7 +239,7 @@ mod prop_tests {
     }
 
     proptest! {
-        #![proptest_config(config(1024))]
+        #![proptest_config(config(2048))]
 
         /// Any line parses to something, and what it borrows is the client's own bytes
         /// within the limits (a domain is visible ASCII, at most 255 octets).

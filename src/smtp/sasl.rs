@@ -212,7 +212,7 @@ mod prop_tests {
     use crate::smtp::session::prop_tests::{b64, config, password, shows, user};
 
     proptest! {
-        #![proptest_config(config(1024))]
+        #![proptest_config(config(2048))]
 
         /// No panic on any response, decoded or not; what is accepted meets the rules.
         #[test]

@@ -1441,7 +1441,7 @@ pub(super) mod prop_tests {
     }
 
     proptest! {
-        #![proptest_config(config(256))]
+        #![proptest_config(config(1024))]
 
         /// No panic and no buffer past its bound, replies always whole printable lines.
         #[test]
