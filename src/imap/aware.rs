@@ -664,11 +664,15 @@ impl Aware {
 
     fn down_held_line<'a>(&mut self, input: &'a [u8], look: Look) -> &'a [u8] {
         let (chunk, rest, complete) = until_lf(input);
+        // The bound is on the line without its LF, checked before the bytes are held: a line
+        // past it is too long whether or not its end came in the same read.
+        if self.down_buf.len() + chunk.len() - usize::from(complete) > RESPONSE_BOUND {
+            self.down_too_long(look);
+            return self.down_stream_line(input);
+        }
         self.down_buf.extend_from_slice(chunk);
         if complete {
             self.down_held_complete(look);
-        } else if self.down_buf.len() > RESPONSE_BOUND {
-            self.down_too_long(look);
         }
         rest
     }
@@ -1079,10 +1083,27 @@ impl<'a> Cursor<'a> {
             Some(b'"') => self.quoted(),
             Some(b'{') => self.literal(),
             Some(b'(') => {
+                // Nesting is counted, not recursed into: its depth is the peer's to choose,
+                // and a line of `((((...` must not overflow the stack.
                 self.pos += 1;
+                let mut depth = 1usize;
                 loop {
+                    while self.peek() == Some(b' ') {
+                        self.pos += 1;
+                    }
+                    if self.peek() == Some(b'(') {
+                        self.pos += 1;
+                        depth += 1;
+                        continue;
+                    }
+                    // Not `(`, so this call does not come back here.
                     match self.token()? {
-                        Token::Close => return Ok(Token::List),
+                        Token::Close => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Ok(Token::List);
+                            }
+                        }
                         Token::Atom(_) | Token::Str(_) | Token::List => {}
                     }
                 }
@@ -1262,6 +1283,64 @@ mod tests {
             assert_eq!(out, expected, "split at {at}");
         }
         expected
+    }
+
+    /// Found by `prop_tests::chunking_does_not_matter`: the argument reader recursed once per
+    /// `(`, so one line of nested parentheses (from either side) overflowed the stack and
+    /// aborted the whole process.
+    #[test]
+    fn deeply_nested_lists_do_not_overflow_the_stack() {
+        let nested = |prefix: &[u8], bound: usize| {
+            let mut line = prefix.to_vec();
+            line.extend(std::iter::repeat_n(b'(', bound - prefix.len() - 2));
+            line.extend_from_slice(b"\r\n");
+            line
+        };
+        // Malformed, so not decided here: the backend says BAD.
+        let command = nested(b"n1 SELECT ", LINE_BOUND);
+        let mut f = filter();
+        f.client_bytes(&command);
+        assert_eq!(f.take_for_backend(), command);
+        assert!(f.take_for_client().is_empty());
+        // Unreadable, so not shown.
+        let response = nested(b"* LIST ", RESPONSE_BOUND);
+        let mut f = filter();
+        f.backend_bytes(&response);
+        assert!(f.take_for_client().is_empty());
+        f.backend_bytes(b"* LIST () \".\" ((((Work\r\n");
+        assert!(f.take_for_client().is_empty());
+        f.backend_bytes(b"* LIST (\\HasNoChildren) \".\" (Work\r\n");
+        assert!(f.take_for_client().is_empty());
+    }
+
+    /// Found by `prop_tests::chunking_does_not_matter`: a held response past the bound was
+    /// dropped when its end came in a later read, but looked at (and shown, and its delimiter
+    /// learnt) when the whole line came in one read.
+    #[test]
+    fn an_overlong_listing_is_dropped_however_it_arrives() {
+        let mut line = b"* LIST (".to_vec();
+        while line.len() <= RESPONSE_BOUND {
+            line.extend_from_slice(b"\\Flag ");
+        }
+        line.extend_from_slice(b") \"/\" INBOX\r\n");
+        let after: &[u8] = b"* STATUS Work/Plans (MESSAGES 3)\r\n";
+        let input = [&line[..], after].concat();
+        for at in [
+            0,
+            100,
+            RESPONSE_BOUND,
+            line.len() - 3,
+            line.len() - 1,
+            input.len(),
+        ] {
+            let mut f = filter();
+            let (a, b) = input.split_at(at);
+            f.backend_bytes(a);
+            assert!(f.held() <= RESPONSE_BOUND);
+            f.backend_bytes(b);
+            // Dropped unread, so "/" was not learnt and Work/Plans is still below Work.
+            assert_eq!(f.take_for_client(), after.to_vec(), "split at {at}");
+        }
     }
 
     #[test]
@@ -1632,5 +1711,305 @@ h1 OK List completed\r\n";
             f.take_for_client(),
             b"56789)\r\nx1 NO [NONEXISTENT] No such folder\r\n".to_vec()
         );
+    }
+}
+
+/// Property tests ("fuzz"): random command and response streams, near-valid, in random
+/// pieces and interleavings.
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
+    use super::*;
+    use crate::imap::parse::prop_tests::{config, cuts, pieces};
+
+    const VISIBLE: &[&str] = &["INBOX", "inbox", "Sent", "Work", "Work.Plans", "Пример"];
+    const HIDDEN: &[&str] = &["Private", "sent", "SentOld", "Work2", "Trash", ""];
+
+    fn filter(hide: bool, caps: u8) -> Aware {
+        let folders = hide.then(|| {
+            ["INBOX", "Sent", "Work", "Пример"]
+                .iter()
+                .flat_map(|f| [utf7_encode(f), f.as_bytes().to_vec()])
+                .collect()
+        });
+        let capabilities: &[u8] = match caps % 3 {
+            0 => b"a OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS MOVE] Logged in\r\n",
+            1 => b"a OK [CAPABILITY IMAP4rev1 UIDPLUS] Logged in\r\n",
+            _ => b"a OK [CAPABILITY IMAP4rev1] Logged in\r\n",
+        };
+        Aware::new(
+            Rules {
+                folders,
+                expunge_immediately: caps % 2 == 0,
+            },
+            capabilities,
+        )
+    }
+
+    fn eol() -> impl Strategy<Value = &'static str> {
+        prop_oneof![8 => Just("\r\n"), 1 => Just("\n")]
+    }
+
+    /// A mailbox name, visible or hidden, as an atom, a quoted string or a literal
+    /// (synchronizing or not).
+    fn mailbox() -> impl Strategy<Value = Vec<u8>> {
+        let name = prop_oneof![
+            prop::sample::select(VISIBLE.to_vec()),
+            prop::sample::select(HIDDEN.to_vec()),
+        ];
+        (name, 0u8..4, eol()).prop_map(|(name, form, eol)| {
+            let utf7 = utf7_encode(name);
+            match form {
+                0 if !name.is_empty() => utf7,
+                0 | 1 => [b"\"", &utf7[..], b"\""].concat(),
+                2 => [format!("{{{}}}{eol}", utf7.len()).as_bytes(), &utf7].concat(),
+                _ => [format!("{{{}+}}{eol}", utf7.len()).as_bytes(), &utf7].concat(),
+            }
+        })
+    }
+
+    /// A literal with its data (random bytes, which may look like anything).
+    fn literal() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::collection::vec(any::<u8>(), 0..64),
+            any::<bool>(),
+            eol(),
+        )
+            .prop_map(|(data, plus, eol)| {
+                let plus = if plus { "+" } else { "" };
+                [format!("{{{}{plus}}}{eol}", data.len()).as_bytes(), &data].concat()
+            })
+    }
+
+    /// A command line that names no mailbox, with literals of random sizes; passed on as is.
+    fn plain_command() -> impl Strategy<Value = Vec<u8>> {
+        let body = prop_oneof![
+            Just(b"NOOP".to_vec()),
+            Just(b"CHECK".to_vec()),
+            Just(b"EXPUNGE".to_vec()),
+            Just(b"CAPABILITY".to_vec()),
+            Just(b"NAMESPACE".to_vec()),
+            Just(b"FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])".to_vec()),
+            "UID FETCH [0-9]{1,4}:\\* \\(UID FLAGS\\)".prop_map(String::into_bytes),
+            "(UID )?STORE [0-9]{1,3} [+-]?FLAGS(\\.SILENT)? \\((\\\\Seen|\\\\Deleted)\\)"
+                .prop_map(String::into_bytes),
+            (literal(), literal()).prop_map(|(a, b)| {
+                [&b"SEARCH CHARSET UTF-8 TEXT "[..], &a, b" SUBJECT ", &b].concat()
+            }),
+            literal().prop_map(|a| [&b"ID (\"name\" "[..], &a, b")"].concat()),
+            Just(b"ENABLE UTF8=ACCEPT".to_vec()),
+        ];
+        ("[A-Za-z0-9]{1,6}", body, eol())
+            .prop_map(|(tag, body, eol)| [tag.as_bytes(), b" ", &body, eol.as_bytes()].concat())
+    }
+
+    /// Any command a client might send after login, mailbox commands included.
+    fn command() -> impl Strategy<Value = Vec<u8>> {
+        let with_mailbox = (
+            prop::sample::select(vec![
+                "SELECT",
+                "examine",
+                "STATUS",
+                "CREATE",
+                "DELETE",
+                "RENAME",
+                "SUBSCRIBE",
+                "COPY 1:3",
+                "UID MOVE 4",
+                "APPEND",
+                "LIST \"\"",
+                "GETACL",
+            ]),
+            mailbox(),
+            mailbox(),
+            literal(),
+        )
+            .prop_map(|(name, a, b, message)| {
+                let rest: Vec<u8> = match name {
+                    "STATUS" => b" (MESSAGES UNSEEN)".to_vec(),
+                    "RENAME" => [&b" "[..], &b].concat(),
+                    "APPEND" => [&b" (\\Seen) "[..], &message].concat(),
+                    _ => Vec::new(),
+                };
+                [b"t ", name.as_bytes(), b" ", &a, &rest, b"\r\n"].concat()
+            });
+        prop_oneof![
+            4 => plain_command(),
+            4 => with_mailbox,
+            1 => prop::sample::select(vec![
+                "i IDLE\r\n", "DONE\r\n", "c COMPRESS DEFLATE\r\n", "s STARTTLS\r\n",
+                "u URLFETCH x\r\n", "a APPEND INBOX CATENATE (URL \"/x\")\r\n",
+            ])
+            .prop_map(|s| s.as_bytes().to_vec()),
+            1 => prop::collection::vec(any::<u8>(), 0..32),
+            1 => (filler(), prop_oneof![0usize..64, LINE_BOUND - 4..LINE_BOUND + 4])
+                .prop_map(|(b, n)| [&b"t SELECT "[..], &vec![b; n], b"\r\n"].concat()),
+        ]
+    }
+
+    /// A response that names no hidden folder (FETCH with literals of random sizes, visible
+    /// listings, tagged replies): passed on as is.
+    fn plain_response() -> impl Strategy<Value = Vec<u8>> {
+        let visible = prop::sample::select(VISIBLE.to_vec()).prop_map(utf7_encode);
+        prop_oneof![
+            3 => (1u32..999, literal()).prop_map(|(n, l)| {
+                [format!("* {n} FETCH (UID {n} BODY[] ").as_bytes(), &l, b")\r\n"].concat()
+            }),
+            1 => (1u32..999).prop_map(|n| format!("* {n} EXISTS\r\n").into_bytes()),
+            1 => visible.clone().prop_map(|name| {
+                [&b"* LIST (\\HasNoChildren) \".\" \""[..], &name, b"\"\r\n"].concat()
+            }),
+            1 => visible.clone().prop_map(|name| {
+                [format!("* LSUB () \".\" {{{}}}\r\n", name.len()).as_bytes(), &name, b"\r\n"]
+                    .concat()
+            }),
+            1 => visible.prop_map(|name| {
+                [&b"* STATUS "[..], &name, b" (MESSAGES 3)\r\n"].concat()
+            }),
+            1 => "[a-z][0-9]{1,3} (OK|NO|BAD) [ -~]{0,30}\r\n".prop_map(String::into_bytes),
+            1 => Just(b"+ go ahead\r\n".to_vec()),
+        ]
+    }
+
+    /// Any response, hidden listings and floods included.
+    fn response() -> impl Strategy<Value = Vec<u8>> {
+        let hidden = prop::sample::select(HIDDEN.to_vec()).prop_map(utf7_encode);
+        prop_oneof![
+            4 => plain_response(),
+            1 => hidden.prop_map(|name| {
+                [&b"* LIST () \"/\" \""[..], &name, b"\"\r\n"].concat()
+            }),
+            1 => "(t|mgx1|i) OK done\r\n".prop_map(String::into_bytes),
+            1 => prop::collection::vec(any::<u8>(), 0..32),
+            1 => (filler(), prop_oneof![0usize..64, RESPONSE_BOUND - 4..RESPONSE_BOUND + 4])
+                .prop_map(|(b, n)| [&b"* LIST () \".\" "[..], &vec![b; n], b"\r\n"].concat()),
+            1 => (0usize..RESPONSE_BOUND + 8).prop_map(|n| {
+                [format!("* LIST () \".\" {{{n}}}\r\n").as_bytes(), &vec![b'x'; n], b"\r\n"].concat()
+            }),
+        ]
+    }
+
+    /// The byte a long line is made of: any, or one the parsers give meaning to.
+    fn filler() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            any::<u8>(),
+            prop::sample::select(b"(){}[]\" \\*+%\r".to_vec()),
+        ]
+    }
+
+    fn stream(one: impl Strategy<Value = Vec<u8>>, max: usize) -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(one, 0..max).prop_map(|items| items.concat())
+    }
+
+    /// The documented bounds of what the filter holds.
+    fn check_bounds(f: &Aware) -> Result<(), TestCaseError> {
+        prop_assert!(f.up_buf.len() <= LINE_BOUND, "up_buf {}", f.up_buf.len());
+        prop_assert!(
+            f.down_buf.len() <= RESPONSE_BOUND,
+            "down_buf {}",
+            f.down_buf.len()
+        );
+        prop_assert!(f.held() <= LINE_BOUND + RESPONSE_BOUND);
+        prop_assert!(f.up_tail.len() <= TAIL && f.down_tail.len() <= TAIL);
+        prop_assert!(f.stores.len() <= PENDING_MAX);
+        Ok(())
+    }
+
+    /// Feeds the client stream, then the backend stream, each in pieces; what came out.
+    fn run(
+        mut f: Aware,
+        client: &[&[u8]],
+        backend: &[&[u8]],
+    ) -> Result<(Vec<u8>, Vec<u8>), TestCaseError> {
+        let (mut to_client, mut to_backend) = (Vec::new(), Vec::new());
+        for piece in client {
+            f.client_bytes(piece);
+            check_bounds(&f)?;
+            to_client.extend(f.take_for_client());
+            to_backend.extend(f.take_for_backend());
+        }
+        for piece in backend {
+            f.backend_bytes(piece);
+            check_bounds(&f)?;
+            to_client.extend(f.take_for_client());
+            to_backend.extend(f.take_for_backend());
+        }
+        Ok((to_client, to_backend))
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        /// No panic, and the filter holds no more than its bounds, whatever the two sides send
+        /// and however their reads interleave.
+        #[test]
+        fn any_interleaving_is_bounded(
+            hide in any::<bool>(),
+            caps in any::<u8>(),
+            client in stream(command(), 12),
+            backend in stream(response(), 12),
+            cuts in (cuts(), cuts()),
+            order in prop::collection::vec(any::<bool>(), 0..48),
+        ) {
+            let mut f = filter(hide, caps);
+            let mut client = pieces(&client, &cuts.0).into_iter();
+            let mut backend = pieces(&backend, &cuts.1).into_iter();
+            for from_client in order.into_iter().chain(std::iter::repeat_n(true, 24)).chain(std::iter::repeat_n(false, 24)) {
+                if from_client {
+                    if let Some(piece) = client.next() {
+                        f.client_bytes(piece);
+                    }
+                } else if let Some(piece) = backend.next() {
+                    f.backend_bytes(piece);
+                }
+                check_bounds(&f)?;
+                let _ = f.take_for_client();
+                let _ = f.take_for_backend();
+            }
+        }
+
+        /// The client stream, then the backend stream, give the same output fed whole or in
+        /// random pieces.
+        #[test]
+        fn chunking_does_not_matter(
+            hide in any::<bool>(),
+            caps in any::<u8>(),
+            client in stream(command(), 10),
+            backend in stream(response(), 10),
+            cuts in (cuts(), cuts()),
+        ) {
+            let whole = run(filter(hide, caps), &[&client], &[&backend])?;
+            let split = run(filter(hide, caps), &pieces(&client, &cuts.0), &pieces(&backend, &cuts.1))?;
+            prop_assert_eq!(split, whole);
+        }
+
+        /// Commands that name no mailbox reach the backend byte for byte, and mailgate says
+        /// nothing to the client.
+        #[test]
+        fn commands_without_mailboxes_pass_unchanged(
+            hide in any::<bool>(),
+            caps in any::<u8>(),
+            client in stream(plain_command(), 16),
+            cuts in cuts(),
+        ) {
+            let (to_client, to_backend) = run(filter(hide, caps), &pieces(&client, &cuts), &[])?;
+            prop_assert!(to_client.is_empty(), "{}", to_client.escape_ascii());
+            prop_assert_eq!(to_backend, client);
+        }
+
+        /// Responses that name no hidden folder reach the client byte for byte.
+        #[test]
+        fn responses_without_hidden_folders_pass_unchanged(
+            hide in any::<bool>(),
+            caps in any::<u8>(),
+            backend in stream(plain_response(), 16),
+            cuts in cuts(),
+        ) {
+            let (to_client, to_backend) = run(filter(hide, caps), &[], &pieces(&backend, &cuts))?;
+            prop_assert!(to_backend.is_empty());
+            prop_assert_eq!(to_client, backend);
+        }
     }
 }

@@ -799,3 +799,476 @@ impl<'a> Cursor<'a> {
         }
     }
 }
+
+/// Property tests ("fuzz"): random and near-valid client input for the framer and the parser.
+/// The generators are shared with the session's property tests.
+#[cfg(test)]
+pub(crate) mod prop_tests {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use proptest::test_runner::{RngSeed, TestCaseError};
+
+    use super::*;
+
+    /// Deterministic and writing no files; `PROPTEST_CASES` and `PROPTEST_RNG_SEED` in the
+    /// environment still win, for a longer campaign.
+    pub(crate) fn config(cases: u32) -> ProptestConfig {
+        let defaults = ProptestConfig::default();
+        let set = |name: &str| std::env::var_os(name).is_some();
+        ProptestConfig {
+            cases: if set("PROPTEST_CASES") {
+                defaults.cases
+            } else {
+                cases
+            },
+            rng_seed: if set("PROPTEST_RNG_SEED") {
+                defaults.rng_seed
+            } else {
+                RngSeed::Fixed(0x6d61_696c_6761_7465)
+            },
+            failure_persistence: None,
+            ..defaults
+        }
+    }
+
+    /// `bytes` cut at the given points, empty pieces left out.
+    pub(crate) fn pieces<'a>(bytes: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        at.push(0);
+        at.push(bytes.len());
+        at.sort_unstable();
+        at.dedup();
+        at.windows(2)
+            .filter_map(|w| match *w {
+                [a, b] => bytes.get(a..b),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Cut points for [`pieces`].
+    pub(crate) fn cuts() -> impl Strategy<Value = Vec<Index>> {
+        prop::collection::vec(any::<Index>(), 0..24)
+    }
+
+    /// A literal size: small, near the caps, or absurd.
+    fn literal_size() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (0usize..16).prop_map(|n| n.to_string()),
+            1 => (LITERAL_MAX - 2..LITERAL_MAX + 3).prop_map(|n| n.to_string()),
+            1 => (COMMAND_MAX - 4..COMMAND_MAX + 4).prop_map(|n| n.to_string()),
+            1 => Just("18446744073709551616".to_owned()),
+            1 => Just("0000000000000000000000000007".to_owned()),
+            1 => Just(String::new()),
+        ]
+    }
+
+    /// One token of near-valid IMAP client input.
+    fn token() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                "LOGIN", "login", "AUTHENTICATE", "ID", "CAPABILITY", "NOOP", "LOGOUT",
+                "STARTTLS", "SELECT", "PLAIN", "LOGIN", "Plain", "NIL", "nil", "(", ")", "()",
+                "\"", "\\", "*", "=", "+", "a1", "A001", "tag", "{", "}", "{5}", "{3+}",
+            ])
+            .prop_map(|s| s.as_bytes().to_vec()),
+            3 => prop::sample::select(vec![" ", "  ", "\r\n", "\n", "\r", "\0", "\x7f"])
+                .prop_map(|s| s.as_bytes().to_vec()),
+            2 => (literal_size(), any::<bool>())
+                .prop_map(|(n, plus)| format!("{{{n}{}}}\r\n", if plus { "+" } else { "" })
+                    .into_bytes()),
+            2 => prop::collection::vec(any::<u8>(), 0..12),
+            1 => "[A-Za-z0-9+/]{0,24}={0,2}".prop_map(String::into_bytes),
+            1 => "\"([^\"\\\\\r\n]|\\\\[\"\\\\]){0,12}\"".prop_map(String::into_bytes),
+            1 => (any::<u8>(), prop_oneof![0usize..100, TAG_MAX - 2..TAG_MAX + 3,
+                    LINE_MAX - 3..LINE_MAX + 4])
+                .prop_map(|(b, n)| vec![b; n]),
+        ]
+    }
+
+    /// Token soup: command words, arguments, literal headers and line ends mixed with random
+    /// bytes.
+    fn soup() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(token(), 0..48).prop_map(|tokens| tokens.concat())
+    }
+
+    /// A line ending, mostly a proper one.
+    fn eol() -> impl Strategy<Value = &'static [u8]> {
+        prop_oneof![
+            6 => Just(&b"\r\n"[..]),
+            2 => Just(&b"\n"[..]),
+            1 => Just(&b"\r"[..]),
+            1 => Just(&b""[..]),
+        ]
+    }
+
+    /// A literal with its data; the declared size is sometimes not the size sent.
+    fn literal() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::collection::vec(any::<u8>(), 0..24),
+            any::<bool>(),
+            eol(),
+            prop_oneof![8 => Just(0i64), 1 => -3i64..4, 1 => Just(LITERAL_MAX as i64)],
+        )
+            .prop_map(|(data, plus, eol, delta)| {
+                let size = (data.len() as i64 + delta).max(0);
+                let plus = if plus { "+" } else { "" };
+                [format!("{{{size}{plus}}}").as_bytes(), eol, &data].concat()
+            })
+    }
+
+    /// One argument of a pre-auth command.
+    fn argument() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => "[A-Za-z0-9@._-]{1,16}".prop_map(String::into_bytes),
+            2 => (prop::collection::vec(any::<u8>(), 0..16), form(), any::<bool>())
+                .prop_map(|(v, f, crlf)| astring(&v, f, crlf)),
+            2 => literal(),
+            1 => "[A-Za-z0-9+/]{0,24}={0,2}".prop_map(String::into_bytes),
+            1 => Just(b"=".to_vec()),
+            1 => Just(b"NIL".to_vec()),
+            1 => prop::collection::vec("\"[a-z]{1,8}\" (\"[a-z ]{0,8}\"|NIL)", 0..4)
+                .prop_map(|pairs| format!("({})", pairs.join(" ")).into_bytes()),
+            1 => token(),
+        ]
+    }
+
+    /// A command line as a client might send it, with a random token slipped in now and
+    /// then; or an AUTHENTICATE response line.
+    fn command_like() -> impl Strategy<Value = Vec<u8>> {
+        let tag = prop_oneof![
+            8 => "[A-Za-z0-9.]{1,8}",
+            1 => "[a-z]{65,70}",
+            1 => Just(String::new()),
+            1 => Just("*".to_owned()),
+        ];
+        let name = prop::sample::select(vec![
+            "LOGIN",
+            "login",
+            "AUTHENTICATE",
+            "ID",
+            "CAPABILITY",
+            "NOOP",
+            "LOGOUT",
+            "STARTTLS",
+            "SELECT",
+            "FETCH",
+            "XYZZY",
+            "",
+        ]);
+        let mechanism = prop::sample::select(vec!["PLAIN", "LOGIN", "plain", "CRAM-MD5"]);
+        let command = (
+            tag,
+            name,
+            mechanism,
+            prop::collection::vec(argument(), 0..4),
+            eol(),
+        )
+            .prop_map(|(tag, name, mechanism, args, eol)| {
+                let mut line = format!("{tag} {name}").into_bytes();
+                if name == "AUTHENTICATE" {
+                    line.push(b' ');
+                    line.extend_from_slice(mechanism.as_bytes());
+                }
+                for arg in args {
+                    line.push(b' ');
+                    line.extend_from_slice(&arg);
+                }
+                line.extend_from_slice(eol);
+                line
+            });
+        let response = (
+            prop_oneof![
+                3 => prop::collection::vec(any::<u8>(), 0..24)
+                    .prop_map(|v| base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD, v).into_bytes()),
+                1 => Just(b"*".to_vec()),
+                1 => "[A-Za-z0-9+/= ]{0,12}".prop_map(String::into_bytes),
+            ],
+            eol(),
+        )
+            .prop_map(|(line, eol)| [&line[..], eol].concat());
+        prop_oneof![
+            6 => valid_command(),
+            4 => command,
+            1 => response,
+            1 => (command_noise(), token()).prop_map(|((mut line, at), junk)| {
+                let at = at.index(line.len() + 1);
+                line.splice(at..at, junk);
+                line
+            }),
+        ]
+    }
+
+    /// A well-formed pre-auth command (so that sessions get past the first few lines).
+    fn valid_command() -> impl Strategy<Value = Vec<u8>> {
+        let b64 =
+            |data: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, data);
+        (
+            "[A-Za-z0-9.]{1,8}",
+            0u8..16,
+            user(),
+            password(),
+            (form(), form()),
+            eol(),
+        )
+            .prop_map(move |(tag, kind, user, password, forms, eol)| {
+                let plain = [b"\0", user.as_bytes(), b"\0", &password].concat();
+                let eol = if eol.is_empty() { &b"\r\n"[..] } else { eol };
+                let crlf = eol == b"\r\n";
+                let body: Vec<u8> = match kind {
+                    0..=2 => b"NOOP".to_vec(),
+                    3 | 4 => b"CAPABILITY".to_vec(),
+                    5..=7 => [
+                        &b"LOGIN "[..],
+                        &astring(user.as_bytes(), forms.0, crlf),
+                        b" ",
+                        &astring(&password, forms.1, crlf),
+                    ]
+                    .concat(),
+                    8 => {
+                        format!("ID (\"name\" \"{}\")", user.replace(['"', '\\'], "")).into_bytes()
+                    }
+                    9 => b"ID NIL".to_vec(),
+                    10 => format!("AUTHENTICATE PLAIN {}", b64(&plain)).into_bytes(),
+                    11 => [b"AUTHENTICATE PLAIN", eol, b64(&plain).as_bytes()].concat(),
+                    12 => [
+                        b"AUTHENTICATE LOGIN",
+                        eol,
+                        b64(user.as_bytes()).as_bytes(),
+                        eol,
+                        b64(&password).as_bytes(),
+                    ]
+                    .concat(),
+                    13 => b"LOGOUT".to_vec(),
+                    14 => b"STARTTLS".to_vec(),
+                    _ => b"SELECT INBOX".to_vec(),
+                };
+                [tag.as_bytes(), b" ", &body, eol].concat()
+            })
+    }
+
+    fn command_noise() -> impl Strategy<Value = (Vec<u8>, Index)> {
+        (
+            "[A-Za-z0-9]{1,4} (LOGIN|AUTHENTICATE PLAIN|ID|NOOP) [a-z]{0,8}\r\n",
+            any::<Index>(),
+        )
+            .prop_map(|(line, at)| (line.into_bytes(), at))
+    }
+
+    /// Near-valid client input: mostly sequences of command-like lines, sometimes token soup.
+    pub(crate) fn imap_noise() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            4 => prop::collection::vec(command_like(), 0..12).prop_map(|lines| lines.concat()),
+            1 => soup(),
+        ]
+    }
+
+    /// A user name the parser accepts: UTF-8 without control characters.
+    pub(crate) fn user() -> impl Strategy<Value = String> {
+        prop_oneof!["[a-z][a-z0-9._-]{0,20}@example\\.com", "[^\\p{Cc}]{0,24}",]
+    }
+
+    /// A password: any bytes but NUL, long enough not to turn up in a dump by chance.
+    pub(crate) fn password() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(1u8..=255, 8..48)
+    }
+
+    /// A string argument in every form the grammar allows for it.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Form {
+        Atom,
+        Quoted,
+        Literal,
+        LiteralPlus,
+    }
+
+    pub(crate) fn form() -> impl Strategy<Value = Form> {
+        prop::sample::select(vec![
+            Form::Atom,
+            Form::Quoted,
+            Form::Literal,
+            Form::LiteralPlus,
+        ])
+    }
+
+    /// `value` as an astring in `form`, or as the closest form that can carry it (an atom
+    /// needs atom characters, a quoted string no CR, LF or NUL).
+    pub(crate) fn astring(value: &[u8], form: Form, crlf: bool) -> Vec<u8> {
+        let eol: &[u8] = if crlf { b"\r\n" } else { b"\n" };
+        let atom_ok = !value.is_empty() && value.iter().all(|&b| is_astring_char(b));
+        let quoted_ok = !value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0));
+        match form {
+            Form::Atom if atom_ok => value.to_vec(),
+            Form::Atom | Form::Quoted if quoted_ok => {
+                let mut out = vec![b'"'];
+                for &b in value {
+                    if b == b'"' || b == b'\\' {
+                        out.push(b'\\');
+                    }
+                    out.push(b);
+                }
+                out.push(b'"');
+                out
+            }
+            Form::LiteralPlus => [format!("{{{}+}}", value.len()).as_bytes(), eol, value].concat(),
+            _ => [format!("{{{}}}", value.len()).as_bytes(), eol, value].concat(),
+        }
+    }
+
+    /// Frame from the start of `buf` the way the session does (following literals), with
+    /// `progress` carried over from earlier calls. The literals seen and how it ended.
+    fn drive(buf: &[u8], progress: &mut Progress, literals: &mut Vec<(usize, usize)>) -> Frame {
+        loop {
+            match command_frame(buf, *progress) {
+                Frame::Literal {
+                    header_end, size, ..
+                } => {
+                    literals.push((header_end, size));
+                    *progress = Progress::at(header_end + size);
+                }
+                Frame::Incomplete(next) => {
+                    *progress = next;
+                    return Frame::Incomplete(next);
+                }
+                end => return end,
+            }
+        }
+    }
+
+    /// Everything `debug` shows of `secret`, as text or as a list of numbers.
+    pub(crate) fn shows(debug: &str, secret: &[u8]) -> bool {
+        let numbers = format!("{secret:?}");
+        let inner = numbers.trim_start_matches('[').trim_end_matches(']');
+        let escaped = secret.escape_ascii().to_string();
+        debug.contains(inner)
+            || debug.contains(&escaped)
+            || std::str::from_utf8(secret).is_ok_and(|s| debug.contains(s))
+    }
+
+    proptest! {
+        #![proptest_config(config(2048))]
+
+        /// No panic on any input, and every answer stays inside the buffer and the caps.
+        #[test]
+        fn framing_and_parsing_never_panic(buf in imap_noise()) {
+            match command_frame(&buf, Progress::default()) {
+                Frame::Complete(len) => {
+                    prop_assert!(len <= buf.len() && len <= ID_COMMAND_MAX);
+                    prop_assert_eq!(buf.get(len - 1), Some(&b'\n'));
+                    let _ = command(buf.get(..len).unwrap_or_default());
+                }
+                Frame::Literal { header_end, size, .. } => {
+                    prop_assert!(header_end <= buf.len() && size <= LITERAL_MAX);
+                }
+                Frame::LiteralTooLarge { header_end } => prop_assert!(header_end <= buf.len()),
+                Frame::Incomplete(_) => prop_assert!(buf.len() <= ID_COMMAND_MAX),
+                Frame::TooLong(_) => {}
+            }
+            if let LineFrame::Complete { content_end, len } =
+                line_frame(&buf, Progress::default())
+            {
+                prop_assert!(content_end < len && len <= buf.len() && content_end <= LINE_MAX);
+            }
+            let _ = command(&buf);
+            let _ = head(&buf);
+            let _ = user_name(&buf);
+            let _ = base64(&buf);
+            let _ = sasl_plain(&buf);
+        }
+
+        /// Framing a buffer as it grows, with the progress carried over, finds what framing
+        /// the whole buffer at once finds.
+        #[test]
+        fn framing_does_not_depend_on_how_bytes_arrive(buf in imap_noise(), cuts in cuts()) {
+            let mut whole_literals = Vec::new();
+            let whole = drive(&buf, &mut Progress::default(), &mut whole_literals);
+            let mut progress = Progress::default();
+            let mut literals = Vec::new();
+            let mut end = 0;
+            let mut last = Frame::Incomplete(progress);
+            for piece in pieces(&buf, &cuts) {
+                end += piece.len();
+                last = drive(buf.get(..end).unwrap_or_default(), &mut progress, &mut literals);
+                if !matches!(last, Frame::Incomplete(_)) {
+                    break;
+                }
+            }
+            prop_assert_eq!(literals, whole_literals);
+            match (last, whole) {
+                (Frame::Incomplete(_), Frame::Incomplete(_)) => {}
+                (last, whole) => prop_assert_eq!(last, whole),
+            }
+        }
+
+        /// `LOGIN` with any user name and password, in any string form, parses back to them;
+        /// its `Debug` never shows the password.
+        #[test]
+        fn login_round_trips(
+            tag in "[A-Za-z0-9.]{1,64}",
+            user in user(),
+            password in password(),
+            forms in (form(), form()),
+            crlf in any::<bool>(),
+        ) {
+            let eol: &[u8] = if crlf { b"\r\n" } else { b"\n" };
+            let line = [
+                tag.as_bytes(),
+                b" LOGIN ",
+                &astring(user.as_bytes(), forms.0, crlf),
+                b" ",
+                &astring(&password, forms.1, crlf),
+                eol,
+            ]
+            .concat();
+            let mut progress = Progress::default();
+            let frame = drive(&line, &mut progress, &mut Vec::new());
+            prop_assert_eq!(frame, Frame::Complete(line.len()));
+            let tagged = command(&line).map_err(|bad| TestCaseError::fail(bad.text()))?;
+            prop_assert!(!shows(&format!("{tagged:?}"), &password), "{:?}", tagged);
+            prop_assert_eq!(&tagged.tag, &tag);
+            match tagged.args {
+                Ok(Command::Login { username, password: parsed }) => {
+                    prop_assert_eq!(username, user);
+                    prop_assert_eq!(parsed.as_slice(), password.as_slice());
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        /// `AUTHENTICATE PLAIN` with an initial response decodes to the same identities and
+        /// password; `Debug` shows no password.
+        #[test]
+        fn authenticate_plain_round_trips(
+            authzid in prop_oneof![Just(String::new()), user()],
+            user in user().prop_filter("non-empty", |u| !u.is_empty()),
+            password in password().prop_map(|p| p.into_iter().map(|b| b.max(1)).collect::<Vec<u8>>()),
+        ) {
+            use base64::Engine as _;
+            let message = [authzid.as_bytes(), b"\0", user.as_bytes(), b"\0", &password].concat();
+            let encoded = base64::engine::general_purpose::STANDARD.encode(&message);
+            let line = format!("a AUTHENTICATE PLAIN {encoded}\r\n");
+            let tagged = command(line.as_bytes()).map_err(|bad| TestCaseError::fail(bad.text()))?;
+            prop_assert!(!shows(&format!("{tagged:?}"), &password), "{:?}", tagged);
+            let Ok(Command::Authenticate { mechanism: SaslMechanism::Plain, initial_response: Some(ir) }) = tagged.args else {
+                return Err(TestCaseError::fail(format!("{:?}", tagged.args)));
+            };
+            prop_assert_eq!(ir.as_slice(), message.as_slice());
+            let plain = sasl_plain(&ir).map_err(|bad| TestCaseError::fail(bad.text()))?;
+            prop_assert_eq!(plain.username, user);
+            prop_assert_eq!(plain.authzid.unwrap_or_default(), authzid);
+            prop_assert_eq!(plain.password.as_slice(), password.as_slice());
+        }
+
+        /// Base64 decodes what standard base64 encodes, and nothing that is not canonical.
+        #[test]
+        fn base64_round_trips(data in prop::collection::vec(any::<u8>(), 0..64)) {
+            use base64::Engine as _;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(&data);
+            let decoded = base64(encoded.as_bytes()).map_err(|bad| TestCaseError::fail(bad.text()))?;
+            prop_assert_eq!(decoded.as_slice(), data.as_slice());
+            let debug = format!("{:?}", base64(encoded.as_bytes()));
+            prop_assert!(data.len() < 8 || !shows(&debug, &data), "{}", debug);
+        }
+    }
+}

@@ -1697,3 +1697,233 @@ mod tests {
         }
     }
 }
+
+/// Property tests ("fuzz"): the session driven the way the driver drives it, over near-valid
+/// random input in random pieces.
+#[cfg(test)]
+mod prop_tests {
+    use std::fmt::Write as _;
+
+    use base64::Engine as _;
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
+    use super::*;
+    use crate::imap::parse::prop_tests::{
+        astring, config, cuts, form, imap_noise, password, pieces, shows, user,
+    };
+
+    const CONFIGS: [SessionConfig; 3] = [
+        SessionConfig {
+            tls_active: true,
+            starttls_offered: false,
+        },
+        SessionConfig {
+            tls_active: false,
+            starttls_offered: true,
+        },
+        SessionConfig {
+            tls_active: false,
+            starttls_offered: false,
+        },
+    ];
+
+    fn session_config() -> impl Strategy<Value = SessionConfig> {
+        prop::sample::select(CONFIGS.to_vec())
+    }
+
+    /// Every reply is whole lines of printable ASCII: no client byte breaks a reply line.
+    fn check_write(write: &[u8]) -> Result<(), TestCaseError> {
+        prop_assert!(
+            write.is_empty() || write.ends_with(b"\r\n"),
+            "{}",
+            write.escape_ascii()
+        );
+        for line in write.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            prop_assert!(
+                line.iter().all(|b| (0x20..0x7f).contains(b)),
+                "{}",
+                write.escape_ascii()
+            );
+        }
+        Ok(())
+    }
+
+    /// Run a session over `chunks` as the driver does: every login refused, or the first one
+    /// accepted (then later chunks are only buffered). Everything the client sees, events
+    /// inline, then the pipelined bytes of an accepted login. Checks the bounds on the way.
+    fn transcript(
+        cfg: SessionConfig,
+        chunks: &[&[u8]],
+        accept: bool,
+    ) -> Result<String, TestCaseError> {
+        let mut session = PreAuth::new(cfg);
+        let mut seen = String::new();
+        let mut accepted = false;
+        for chunk in chunks {
+            let mut step = session.input(chunk);
+            loop {
+                prop_assert!(session.buffered_len() <= MAX_BUFFERED);
+                check_write(&step.write)?;
+                prop_assert!(!accepted || step.write.is_empty() || step.event.is_some());
+                seen.push_str(&String::from_utf8_lossy(&step.write));
+                let Some(event) = step.event else { break };
+                match event {
+                    Event::Login(c) => {
+                        let _ = write!(
+                            seen,
+                            "<login {} {} {} {:?} {}>",
+                            c.tag,
+                            c.username,
+                            c.password.as_bytes().escape_ascii(),
+                            c.authzid,
+                            c.mechanism.as_str()
+                        );
+                        if accept {
+                            accepted = true;
+                            break;
+                        }
+                        let _ = write!(seen, "{} NO [AUTHENTICATIONFAILED] x\r\n", c.tag);
+                        step = session.input(&[]);
+                    }
+                    Event::TlsRequired => {
+                        seen.push_str("<tls-required>");
+                        step = session.input(&[]);
+                    }
+                    Event::StartTls | Event::Logout | Event::Close => {
+                        // Nothing pipelined survives the plaintext session.
+                        prop_assert_eq!(session.buffered_len(), 0);
+                        prop_assert!(session.input(b"a NOOP\r\n").write.is_empty());
+                        let _ = write!(seen, "<{event:?}>");
+                        return Ok(seen);
+                    }
+                }
+            }
+        }
+        if accepted {
+            let _ = write!(
+                seen,
+                "<pipelined {}>",
+                session.into_pipelined().escape_ascii()
+            );
+        }
+        Ok(seen)
+    }
+
+    /// LOGIN, AUTHENTICATE PLAIN (with or without initial response) or AUTHENTICATE LOGIN
+    /// for `user` and `password`, in the string forms given.
+    fn login_command(
+        kind: u8,
+        user: &str,
+        password: &[u8],
+        forms: (parse::prop_tests::Form, parse::prop_tests::Form),
+    ) -> Vec<u8> {
+        let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(data);
+        let plain = [b"\0", user.as_bytes(), b"\0", password].concat();
+        match kind % 4 {
+            0 => [
+                b"t1 LOGIN ",
+                &astring(user.as_bytes(), forms.0, true)[..],
+                b" ",
+                &astring(password, forms.1, true),
+                b"\r\n",
+            ]
+            .concat(),
+            1 => format!("t1 AUTHENTICATE PLAIN {}\r\n", b64(&plain)).into_bytes(),
+            2 => format!("t1 AUTHENTICATE PLAIN\r\n{}\r\n", b64(&plain)).into_bytes(),
+            _ => format!(
+                "t1 AUTHENTICATE LOGIN\r\n{}\r\n{}\r\n",
+                b64(user.as_bytes()),
+                b64(password)
+            )
+            .into_bytes(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(1024))]
+
+        /// No panic and no buffer past its cap on near-valid input, replies always whole
+        /// printable lines, whether logins are refused or accepted.
+        #[test]
+        fn any_input_is_bounded(
+            cfg in session_config(),
+            input in imap_noise(),
+            cuts in cuts(),
+            accept in any::<bool>(),
+        ) {
+            transcript(cfg, &pieces(&input, &cuts), accept)?;
+        }
+
+        /// A flood after some near-valid input: the buffer stays capped.
+        #[test]
+        fn a_flood_is_bounded(
+            cfg in session_config(),
+            input in imap_noise(),
+            flood in (any::<u8>(), 0usize..2 * MAX_BUFFERED),
+            cuts in cuts(),
+            accept in any::<bool>(),
+        ) {
+            let input = [input, vec![flood.0; flood.1]].concat();
+            transcript(cfg, &pieces(&input, &cuts), accept)?;
+        }
+
+        /// The client sees the same replies and events however its bytes were split into
+        /// reads (within what the session may hold: past that, a login already handed out
+        /// before the overflow was seen is the documented difference).
+        #[test]
+        fn chunking_does_not_matter(
+            cfg in session_config(),
+            input in imap_noise(),
+            cuts in cuts(),
+            accept in any::<bool>(),
+        ) {
+            let input = input.get(..MAX_BUFFERED).unwrap_or(&input);
+            let whole = transcript(cfg, &[input], accept)?;
+            let split = transcript(cfg, &pieces(input, &cuts), accept)?;
+            prop_assert_eq!(split, whole);
+        }
+
+        /// Every way to log in hands over exactly the user name and password sent, with only
+        /// continuations written; no `Debug` of what comes out shows the password.
+        #[test]
+        fn credentials_round_trip(
+            kind in any::<u8>(),
+            user in user().prop_filter("non-empty", |u| !u.is_empty()),
+            password in password(),
+            forms in (form(), form()),
+            tail in imap_noise(),
+            cuts in cuts(),
+        ) {
+            let command = login_command(kind, &user, &password, forms);
+            let input = [command.clone(), tail.clone()].concat();
+            let mut session = PreAuth::new(CONFIGS[0]);
+            let mut login = None;
+            let mut fed = 0;
+            for piece in pieces(&input, &cuts) {
+                let step = session.input(piece);
+                fed += piece.len();
+                let debug = format!("{step:?}");
+                prop_assert!(!shows(&debug, &password), "{}", debug);
+                for line in step.write.split_inclusive(|&b| b == b'\n') {
+                    prop_assert!(line.starts_with(b"+ "), "{}", step.write.escape_ascii());
+                }
+                if let Some(event) = step.event {
+                    login = Some(event);
+                    break;
+                }
+            }
+            let Some(Event::Login(credentials)) = login else {
+                return Err(TestCaseError::fail(format!("no login: {login:?}")));
+            };
+            prop_assert_eq!(&credentials.username, &user);
+            prop_assert_eq!(credentials.password.as_bytes(), password.as_slice());
+            prop_assert_eq!(credentials.tag.as_str(), "t1");
+            // What the client pipelined after its login is kept byte for byte.
+            let mut pipelined = session.into_pipelined().to_vec();
+            pipelined.extend_from_slice(input.get(fed..).unwrap_or_default());
+            prop_assert_eq!(pipelined, tail);
+        }
+    }
+}

@@ -5,13 +5,16 @@
 //! kept byte-exact for the backend) lives in the session's framer, which `smtp-proto`'s
 //! `Request` parser would not replace.
 
+use std::fmt;
+
 use super::reply::{self, Reply};
 
 /// RFC 5321 §4.5.3.1.2: a domain is at most 255 octets.
 const DOMAIN_MAX: usize = 255;
 
-/// One command line, as far as the pre-auth session cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One command line, as far as the pre-auth session cares. `Debug` is written by hand: an
+/// `AUTH` initial response carries the credentials (base64 masks nothing).
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Command<'a> {
     /// `EHLO <domain>`, the domain checked to be visible ASCII.
     Ehlo(&'a str),
@@ -35,6 +38,31 @@ pub(crate) enum Command<'a> {
     Unknown,
     /// A known verb with wrong arguments; the reply says which syntax was expected.
     Syntax(Reply<'static>),
+}
+
+impl fmt::Debug for Command<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Ehlo(name) => f.debug_tuple("Ehlo").field(name).finish(),
+            Command::Helo(name) => f.debug_tuple("Helo").field(name).finish(),
+            Command::Auth { mechanism, initial } => f
+                .debug_struct("Auth")
+                .field("mechanism", &mechanism.escape_ascii().to_string())
+                .field("initial", &initial.map(|_| "***"))
+                .finish(),
+            Command::StartTls => f.write_str("StartTls"),
+            Command::Noop => f.write_str("Noop"),
+            Command::Rset => f.write_str("Rset"),
+            Command::Quit => f.write_str("Quit"),
+            Command::Vrfy => f.write_str("Vrfy"),
+            Command::Expn => f.write_str("Expn"),
+            Command::Help => f.write_str("Help"),
+            Command::Transaction => f.write_str("Transaction"),
+            Command::Refused => f.write_str("Refused"),
+            Command::Unknown => f.write_str("Unknown"),
+            Command::Syntax(reply) => f.debug_tuple("Syntax").field(reply).finish(),
+        }
+    }
 }
 
 /// Parses one line (CRLF already removed). Never fails: anything unexpected is `Unknown` or
@@ -105,6 +133,21 @@ fn domain(args: &[u8]) -> Option<&str> {
 mod tests {
     use super::*;
 
+    /// Found by `prop_tests::auth_debug_shows_no_credentials`: the derived `Debug` printed the
+    /// initial response, i.e. the base64 of user name and password.
+    #[test]
+    fn auth_debug_masks_the_initial_response() {
+        let shown = format!("{:?}", parse(b"AUTH PLAIN AGFsaWNlAGh1bnRlcjI="));
+        assert_eq!(
+            shown,
+            r#"Auth { mechanism: "PLAIN", initial: Some("***") }"#
+        );
+        assert_eq!(
+            format!("{:?}", parse(b"AUTH LOGIN")),
+            r#"Auth { mechanism: "LOGIN", initial: None }"#
+        );
+    }
+
     #[test]
     fn verbs_and_arguments() {
         let cases: &[(&[u8], Command<'_>)] = &[
@@ -173,5 +216,88 @@ mod tests {
         assert_eq!(parse(long.as_bytes()), Command::Syntax(reply::EHLO_SYNTAX));
         let max = format!("EHLO {}", "a".repeat(DOMAIN_MAX));
         assert!(matches!(parse(max.as_bytes()), Command::Ehlo(_)));
+    }
+}
+
+/// Property tests ("fuzz") of the command line parser.
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::smtp::session::prop_tests::{b64, config, password, shows, user};
+
+    fn verb() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                "EHLO", "HELO", "AUTH", "STARTTLS", "RSET", "NOOP", "QUIT", "VRFY", "EXPN",
+                "HELP", "MAIL", "RCPT", "DATA", "BDAT", "XCLIENT", "XFORWARD",
+            ])
+            .prop_map(str::to_owned),
+            1 => "[A-Za-z]{0,10}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(2048))]
+
+        /// Any line parses to something, and what it borrows is the client's own bytes
+        /// within the limits (a domain is visible ASCII, at most 255 octets).
+        #[test]
+        fn any_line_parses(
+            line in (verb(), prop::collection::vec(any::<u8>(), 0..300))
+                .prop_map(|(verb, rest)| [verb.as_bytes(), b" ", &rest].concat()),
+        ) {
+            let within = |part: &[u8]| line.windows(part.len().max(1)).any(|w| w == part);
+            match parse(&line) {
+                Command::Ehlo(name) | Command::Helo(name) => {
+                    prop_assert!(!name.is_empty() && name.len() <= DOMAIN_MAX);
+                    prop_assert!(name.bytes().all(|b| b.is_ascii_graphic()));
+                    prop_assert!(within(name.as_bytes()));
+                }
+                Command::Auth { mechanism, initial } => {
+                    prop_assert!(!mechanism.is_empty() && within(mechanism));
+                    prop_assert!(initial.is_none_or(|i| !i.is_empty() && within(i)));
+                }
+                _ => {}
+            }
+            let _ = parse(line.get(5..).unwrap_or_default());
+        }
+
+        /// `EHLO`/`HELO` give back the domain; `AUTH` its mechanism and initial response.
+        #[test]
+        fn commands_round_trip(
+            domain in "[!-~]{1,255}",
+            mechanism in "[A-Za-z0-9-]{1,20}",
+            initial in prop::option::of("[A-Za-z0-9+/]{1,40}={0,2}"),
+            spaces in (1usize..4, 0usize..3),
+        ) {
+            let gap = " ".repeat(spaces.0);
+            let trailing = " ".repeat(spaces.1);
+            let ehlo = format!("EHLO{gap}{domain}{trailing}");
+            prop_assert_eq!(parse(ehlo.as_bytes()), Command::Ehlo(&domain));
+            let helo = format!("helo{gap}{domain}");
+            prop_assert_eq!(parse(helo.as_bytes()), Command::Helo(&domain));
+            let line = match &initial {
+                Some(ir) => format!("AUTH{gap}{mechanism}{gap}{ir}{trailing}"),
+                None => format!("AUTH{gap}{mechanism}{trailing}"),
+            };
+            prop_assert_eq!(
+                parse(line.as_bytes()),
+                Command::Auth { mechanism: mechanism.as_bytes(), initial: initial.as_deref().map(str::as_bytes) }
+            );
+        }
+
+        /// An `AUTH` line carries credentials in its initial response: its `Debug` must not
+        /// show them.
+        #[test]
+        fn auth_debug_shows_no_credentials(user in user(), password in password()) {
+            let line = format!("AUTH PLAIN {}", b64(format!("\0{user}\0{password}").as_bytes()));
+            let debug = format!("{:?}", parse(line.as_bytes()));
+            prop_assert!(!shows(&debug, format!("\0{user}\0{password}").as_bytes()), "{}", debug);
+            let line = format!("AUTH LOGIN {}", b64(password.as_bytes()));
+            let debug = format!("{:?}", parse(line.as_bytes()));
+            prop_assert!(!shows(&debug, password.as_bytes()), "{}", debug);
+        }
     }
 }

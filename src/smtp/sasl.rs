@@ -202,3 +202,63 @@ mod tests {
         assert!(shown.contains("***"), "{shown}");
     }
 }
+
+/// Property tests ("fuzz") of the SASL decoding.
+#[cfg(test)]
+mod prop_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::smtp::session::prop_tests::{b64, config, password, shows, user};
+
+    proptest! {
+        #![proptest_config(config(2048))]
+
+        /// No panic on any response, decoded or not; what is accepted meets the rules.
+        #[test]
+        fn any_response_is_judged(line in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            prop::collection::vec(any::<u8>(), 0..48).prop_map(|v| b64(&v).into_bytes()),
+        ]) {
+            if let Ok(decoded) = decode_response(&line) {
+                if let Ok(c) = plain(&decoded) {
+                    prop_assert!(!c.username.chars().any(char::is_control));
+                    prop_assert!(!c.password.expose().contains('\0'));
+                }
+                let _ = login_username(&decoded);
+                let _ = login_credentials(String::new(), &decoded);
+            }
+            let _ = plain(&line);
+            let _ = login_username(&line);
+            let _ = login_credentials(String::new(), &line);
+        }
+
+        /// PLAIN and LOGIN give back the identities and password encoded, blanks around the
+        /// base64 tolerated; `Debug` of the outcome shows no password.
+        #[test]
+        fn credentials_round_trip(
+            authzid in prop_oneof![Just(String::new()), user()],
+            user in user(),
+            password in password(),
+            blanks in ("[ \t]{0,2}", "[ \t]{0,2}"),
+        ) {
+            let message = format!("{authzid}\0{user}\0{password}");
+            let line = format!("{}{}{}", blanks.0, b64(message.as_bytes()), blanks.1);
+            let decoded = decode_response(line.as_bytes());
+            prop_assert_eq!(decoded.as_deref().map(Vec::as_slice), Ok(message.as_bytes()));
+            let outcome = decoded.map(|d| plain(&d));
+            let debug = format!("{outcome:?}");
+            prop_assert!(!shows(&debug, password.as_bytes()), "{}", debug);
+            let Ok(Ok(c)) = outcome else {
+                return Err(TestCaseError::fail(debug));
+            };
+            prop_assert_eq!(&c.username, &user);
+            prop_assert_eq!(c.password.expose(), password.as_str());
+            prop_assert_eq!(c.authzid, (!authzid.is_empty()).then_some(authzid));
+            let login = login_credentials(user.clone(), password.as_bytes());
+            let debug = format!("{login:?}");
+            prop_assert!(!shows(&debug, password.as_bytes()), "{}", debug);
+            prop_assert_eq!(login.map(|c| c.password), Ok(Password::new(password)));
+        }
+    }
+}

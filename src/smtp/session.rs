@@ -1169,3 +1169,357 @@ mod tests {
         }
     }
 }
+
+/// Property tests ("fuzz"): the session driven the way the driver drives it, over near-valid
+/// random input in random pieces. The generators serve `command` and `sasl` too.
+#[cfg(test)]
+pub(super) mod prop_tests {
+    use std::fmt::Write as _;
+
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use proptest::test_runner::{RngSeed, TestCaseError};
+
+    use super::*;
+
+    /// Deterministic and writing no files; `PROPTEST_CASES` and `PROPTEST_RNG_SEED` in the
+    /// environment still win, for a longer campaign.
+    pub(in crate::smtp) fn config(cases: u32) -> ProptestConfig {
+        let defaults = ProptestConfig::default();
+        let set = |name: &str| std::env::var_os(name).is_some();
+        ProptestConfig {
+            cases: if set("PROPTEST_CASES") {
+                defaults.cases
+            } else {
+                cases
+            },
+            rng_seed: if set("PROPTEST_RNG_SEED") {
+                defaults.rng_seed
+            } else {
+                RngSeed::Fixed(0x6d61_696c_6761_7465)
+            },
+            failure_persistence: None,
+            ..defaults
+        }
+    }
+
+    /// `bytes` cut at the given points, empty pieces left out.
+    fn pieces<'a>(bytes: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        at.extend([0, bytes.len()]);
+        at.sort_unstable();
+        at.dedup();
+        at.windows(2)
+            .filter_map(|w| match *w {
+                [a, b] => bytes.get(a..b),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn cuts() -> impl Strategy<Value = Vec<Index>> {
+        prop::collection::vec(any::<Index>(), 0..24)
+    }
+
+    /// A user name the session accepts: UTF-8 without control characters.
+    pub(in crate::smtp) fn user() -> impl Strategy<Value = String> {
+        prop_oneof!["[a-z][a-z0-9._-]{0,20}@example\\.com", "[^\\p{Cc}]{1,24}"]
+    }
+
+    /// A password: UTF-8 without NUL, long enough not to turn up in a dump by chance.
+    pub(in crate::smtp) fn password() -> impl Strategy<Value = String> {
+        "[^\\x00]{8,32}"
+    }
+
+    pub(in crate::smtp) fn b64(data: &[u8]) -> String {
+        STANDARD.encode(data)
+    }
+
+    /// Whether `debug` shows `secret`: as text, escaped, as a list of byte values, or in
+    /// base64.
+    pub(in crate::smtp) fn shows(debug: &str, secret: &[u8]) -> bool {
+        let numbers = format!("{secret:?}");
+        let inner = numbers.trim_start_matches('[').trim_end_matches(']');
+        let encoded = b64(secret);
+        let encoded_numbers = format!("{:?}", encoded.as_bytes());
+        debug.contains(inner)
+            || debug.contains(&secret.escape_ascii().to_string())
+            || std::str::from_utf8(secret).is_ok_and(|s| debug.contains(s))
+            || debug.contains(encoded.trim_end_matches('='))
+            || debug.contains(
+                encoded_numbers
+                    .trim_start_matches('[')
+                    .trim_end_matches(']'),
+            )
+    }
+
+    fn eol() -> impl Strategy<Value = &'static [u8]> {
+        prop_oneof![
+            8 => Just(&b"\r\n"[..]),
+            1 => Just(&b"\n"[..]),
+            1 => Just(&b"\r"[..]),
+            1 => Just(&b"\r\r\n"[..]),
+        ]
+    }
+
+    /// One line as a client might send it before login: a command, a SASL response, a long
+    /// line near a limit, or random bytes.
+    fn line() -> impl Strategy<Value = Vec<u8>> {
+        let verb = prop::sample::select(vec![
+            "EHLO", "ehlo", "HELO", "AUTH", "auth", "STARTTLS", "RSET", "NOOP", "QUIT", "VRFY",
+            "EXPN", "HELP", "MAIL", "RCPT", "DATA", "BDAT", "XCLIENT", "XFORWARD", "FOO", "",
+        ]);
+        let argument = prop_oneof![
+            3 => "[a-z0-9.-]{1,20}(\\.example\\.com)?",
+            2 => prop::sample::select(vec!["PLAIN", "LOGIN", "plain", "CRAM-MD5", "=", "*"])
+                .prop_map(str::to_owned),
+            2 => prop::collection::vec(any::<u8>(), 0..32).prop_map(|v| b64(&v)),
+            1 => (user(), password()).prop_map(|(u, p)| b64(format!("\0{u}\0{p}").as_bytes())),
+            1 => "[ -~]{0,16}",
+            1 => prop::collection::vec(any::<u8>(), 0..12)
+                .prop_map(|v| String::from_utf8_lossy(&v).into_owned()),
+        ];
+        let command =
+            (verb, prop::collection::vec(argument, 0..3), eol()).prop_map(|(verb, args, eol)| {
+                let mut line = verb.as_bytes().to_vec();
+                for arg in args {
+                    line.push(b' ');
+                    line.extend_from_slice(arg.as_bytes());
+                }
+                [&line[..], eol].concat()
+            });
+        let response = (
+            prop_oneof![
+                3 => prop::collection::vec(any::<u8>(), 0..32).prop_map(|v| b64(&v)),
+                2 => (user(), password()).prop_map(|(u, p)| b64(format!("\0{u}\0{p}").as_bytes())),
+                1 => Just("*".to_owned()),
+                1 => Just("=".to_owned()),
+            ],
+            eol(),
+        )
+            .prop_map(|(r, eol)| [r.as_bytes(), eol].concat());
+        let long = (
+            prop::sample::select(vec!["", "AUTH ", "AUTH PLAIN "]),
+            any::<u8>(),
+            prop_oneof![
+                505usize..520,
+                SASL_LINE_MAX - 8..SASL_LINE_MAX + 4,
+                0usize..2 * SASL_LINE_MAX,
+            ],
+            eol(),
+        )
+            .prop_map(|(prefix, b, n, eol)| [prefix.as_bytes(), &vec![b; n], eol].concat());
+        let valid = (0u8..8, user(), password()).prop_map(|(kind, u, p)| {
+            let plain = b64(format!("\0{u}\0{p}").as_bytes());
+            let (u, p) = (b64(u.as_bytes()), b64(p.as_bytes()));
+            match kind {
+                0 => format!("AUTH PLAIN {plain}\r\n"),
+                1 => format!("AUTH PLAIN\r\n{plain}\r\n"),
+                2 => format!("AUTH LOGIN {u}\r\n{p}\r\n"),
+                3 => format!("AUTH LOGIN\r\n{u}\r\n{p}\r\n"),
+                4 => "NOOP\r\n".to_owned(),
+                5 => "EHLO again.example.com\r\n".to_owned(),
+                6 => "MAIL FROM:<a@example.com>\r\n".to_owned(),
+                _ => "RSET\r\n".to_owned(),
+            }
+            .into_bytes()
+        });
+        prop_oneof![
+            6 => valid,
+            6 => command,
+            2 => response,
+            1 => long,
+            1 => prop::collection::vec(any::<u8>(), 0..40),
+        ]
+    }
+
+    /// Near-valid client input: an `EHLO` most of the time, then random lines.
+    pub(in crate::smtp) fn smtp_noise() -> impl Strategy<Value = Vec<u8>> {
+        (any::<bool>(), prop::collection::vec(line(), 0..16)).prop_map(|(ehlo, lines)| {
+            let start: &[u8] = if ehlo {
+                b"EHLO client.example.com\r\n"
+            } else {
+                b""
+            };
+            [start.to_vec(), lines.concat()].concat()
+        })
+    }
+
+    fn session_config() -> impl Strategy<Value = SessionConfig> {
+        prop::sample::select(vec![(true, false), (false, true), (false, false)]).prop_map(
+            |(tls_active, starttls_offered)| SessionConfig {
+                hostname: "mx.example.com".into(),
+                tls_active,
+                starttls_offered,
+                backend_extensions: ["PIPELINING", "SIZE 10240000", "AUTH PLAIN LOGIN"]
+                    .map(String::from)
+                    .to_vec(),
+            },
+        )
+    }
+
+    /// Every reply is whole lines of printable ASCII.
+    fn check_write(write: &[u8]) -> Result<(), TestCaseError> {
+        prop_assert!(
+            write.is_empty() || write.ends_with(b"\r\n"),
+            "{}",
+            write.escape_ascii()
+        );
+        for line in write.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            prop_assert!(
+                line.iter().all(|b| (0x20..0x7f).contains(b)),
+                "{}",
+                write.escape_ascii()
+            );
+        }
+        Ok(())
+    }
+
+    /// Run a session over `chunks` as the driver does: every AUTH refused, or the first one
+    /// accepted (the driver then stops reading into the session and sends the pipelined
+    /// bytes and the later reads to the backend). What the client sees, events inline, then
+    /// what reaches the backend. Checks the buffer bound on the way.
+    fn transcript(
+        cfg: &SessionConfig,
+        chunks: &[&[u8]],
+        accept: bool,
+    ) -> Result<String, TestCaseError> {
+        let mut session = PreAuth::new(cfg.clone());
+        let mut seen = String::new();
+        let mut chunks = chunks.iter();
+        while let Some(chunk) = chunks.next() {
+            let mut step = session.input(chunk);
+            loop {
+                check_write(&step.write)?;
+                seen.push_str(&String::from_utf8_lossy(&step.write));
+                let Some(event) = step.event else {
+                    // Without an event the session holds less than one line limit.
+                    prop_assert!(session.buf.len() < SASL_LINE_MAX, "{}", session.buf.len());
+                    break;
+                };
+                // With one, at most that plus this read.
+                prop_assert!(session.buf.len() < SASL_LINE_MAX + chunk.len());
+                match event {
+                    Event::Auth(c) => {
+                        let _ = write!(
+                            seen,
+                            "<auth {:?} {} {:?} {:?}>",
+                            c.mechanism,
+                            c.username,
+                            c.password.expose(),
+                            c.authzid
+                        );
+                        if accept {
+                            let mut backend = session.into_pipelined().to_vec();
+                            for chunk in chunks {
+                                backend.extend_from_slice(chunk);
+                            }
+                            let _ = write!(seen, "<backend {}>", backend.escape_ascii());
+                            return Ok(seen);
+                        }
+                        seen.push_str("535 5.7.8 x\r\n");
+                        step = session.input(&[]);
+                    }
+                    Event::TlsRequired => {
+                        seen.push_str("<tls-required>");
+                        step = session.input(&[]);
+                    }
+                    Event::StartTls | Event::Quit | Event::Close => {
+                        // Nothing pipelined survives the plaintext session.
+                        prop_assert!(session.buf.is_empty());
+                        prop_assert_eq!(session.input(b"NOOP\r\n"), Step::default());
+                        let _ = write!(seen, "<{event:?}>");
+                        return Ok(seen);
+                    }
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    proptest! {
+        #![proptest_config(config(1024))]
+
+        /// No panic and no buffer past its bound, replies always whole printable lines.
+        #[test]
+        fn any_input_is_bounded(
+            cfg in session_config(),
+            input in smtp_noise(),
+            cuts in cuts(),
+            accept in any::<bool>(),
+        ) {
+            transcript(&cfg, &pieces(&input, &cuts), accept)?;
+        }
+
+        /// The client sees the same replies and events, and the backend the same pipelined
+        /// bytes, however the client's bytes were split into reads.
+        #[test]
+        fn chunking_does_not_matter(
+            cfg in session_config(),
+            input in smtp_noise(),
+            cuts in cuts(),
+            accept in any::<bool>(),
+        ) {
+            let whole = transcript(&cfg, &[&input], accept)?;
+            let split = transcript(&cfg, &pieces(&input, &cuts), accept)?;
+            prop_assert_eq!(split, whole);
+        }
+
+        /// AUTH PLAIN and LOGIN, with or without initial response, hand over exactly the
+        /// credentials sent and keep what was pipelined after them; no `Debug` of a step
+        /// shows the password.
+        #[test]
+        fn credentials_round_trip(
+            kind in 0u8..4,
+            authzid in prop_oneof![Just(String::new()), user()],
+            user in user(),
+            password in password(),
+            tail in smtp_noise(),
+            cuts in cuts(),
+        ) {
+            let plain = b64(format!("{authzid}\0{user}\0{password}").as_bytes());
+            let (u, p) = (b64(user.as_bytes()), b64(password.as_bytes()));
+            let auth = match kind {
+                0 => format!("AUTH PLAIN {plain}\r\n"),
+                1 => format!("AUTH PLAIN\r\n{plain}\r\n"),
+                2 => format!("AUTH LOGIN {u}\r\n{p}\r\n"),
+                _ => format!("AUTH LOGIN\r\n{u}\r\n{p}\r\n"),
+            };
+            let input = [b"EHLO client.example.com\r\n", auth.as_bytes(), &tail].concat();
+            let cfg = SessionConfig {
+                hostname: "mx.example.com".into(),
+                tls_active: true,
+                starttls_offered: false,
+                backend_extensions: Vec::new(),
+            };
+            let mut session = PreAuth::new(cfg);
+            let mut fed = 0;
+            let mut auth = None;
+            for piece in pieces(&input, &cuts) {
+                let step = session.input(piece);
+                fed += piece.len();
+                let debug = format!("{step:?}");
+                prop_assert!(!shows(&debug, password.as_bytes()), "{}", debug);
+                check_write(&step.write)?;
+                prop_assert!(!step.write.starts_with(b"5"), "{}", step.write.escape_ascii());
+                if let Some(event) = step.event {
+                    auth = Some(event);
+                    break;
+                }
+            }
+            let Some(Event::Auth(credentials)) = auth else {
+                return Err(TestCaseError::fail(format!("no auth: {auth:?}")));
+            };
+            prop_assert_eq!(&credentials.username, &user);
+            prop_assert_eq!(credentials.password.expose(), password.as_str());
+            let expected_authzid = (kind < 2 && !authzid.is_empty()).then_some(authzid);
+            prop_assert_eq!(credentials.authzid, expected_authzid);
+            let mut pipelined = session.into_pipelined().to_vec();
+            pipelined.extend_from_slice(input.get(fed..).unwrap_or_default());
+            prop_assert_eq!(pipelined, tail);
+        }
+    }
+}
