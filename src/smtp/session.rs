@@ -86,8 +86,8 @@ pub enum Event {
     Close,
 }
 
-/// The pre-auth session of one client connection.
-#[derive(Debug)]
+/// The pre-auth session of one client connection. Its `Debug` shows no client bytes: the
+/// buffer or the SASL exchange may hold credentials.
 pub struct PreAuth {
     /// Precomputed replies that depend only on the configuration.
     greeting: Vec<u8>,
@@ -102,6 +102,16 @@ pub struct PreAuth {
     buf: BytesMut,
     /// Error replies so far, for `MAX_ERRORS`.
     errors: u32,
+}
+
+impl std::fmt::Debug for PreAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreAuth")
+            .field("tls", &self.tls)
+            .field("buffered", &self.buf.len())
+            .field("errors", &self.errors)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1009,6 +1019,19 @@ mod tests {
         let shown = format!("{step:?}");
         assert!(!shown.contains("secret"), "{shown}");
         assert!(shown.contains("alice@example.com"), "{shown}");
+    }
+
+    #[test]
+    fn session_debug_shows_no_client_bytes() {
+        let mut s = tls();
+        // A second AUTH pipelined behind the first waits in the buffer.
+        let _ = s.input(
+            format!("EHLO c\r\nAUTH PLAIN {ALICE_PLAIN}\r\nAUTH PLAIN {ALICE_PLAIN}\r\n")
+                .as_bytes(),
+        );
+        let shown = format!("{s:?}");
+        assert!(!shown.contains(ALICE_PLAIN), "{shown}");
+        assert!(shown.contains("buffered"), "{shown}");
     }
 
     #[test]
