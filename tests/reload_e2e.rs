@@ -53,14 +53,9 @@ fn login(mailgate: &Mailgate) -> String {
 }
 
 fn reloads(mailgate: &Mailgate, result: &str) -> u64 {
-    let url = format!("http://{}/metrics", mailgate.metrics_addr());
-    let out = common::run_cmd("curl", &["-sS", &url], CLIENT_TIMEOUT);
-    let needle = format!("mailgate_config_reloads_total{{result=\"{result}\"}} ");
-    out.stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {needle} in /metrics:\n{}", out.stdout))
+    mailgate.metric(&format!(
+        "mailgate_config_reloads_total{{result=\"{result}\"}}"
+    ))
 }
 
 /// Counts the log lines holding `needle`.

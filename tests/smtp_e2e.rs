@@ -11,6 +11,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::thread;
 use std::time::Duration;
 
+use common::mail::{message, swaks_auth_reply};
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
 use common::{run_cmd, run_python_args, Dovecot, DovecotOpts, Output, Postfix, PostfixOpts};
 
@@ -143,25 +144,6 @@ fn python(mailgate: &Mailgate, postfix: Option<&Postfix>, body: &str, args: &[&s
         postfix.map(Postfix::log).unwrap_or_default()
     );
     out.stdout
-}
-
-/// A message with CRLF line ends whose body exercises what a relay can get wrong: leading
-/// dots (dot-stuffing), 8-bit UTF-8, trailing white space, tabs, empty lines, a long line.
-/// No `%` or backslash: swaks would treat those as tokens.
-fn message(from: &str, to: &str, subject: &str) -> (Vec<u8>, Vec<u8>) {
-    let long = "0123456789abcdef".repeat(60);
-    let body = format!(
-        "Hello from {subject}.\r\n.a line that starts with a dot\r\n..and one with two\r\n.\r\n\
-         日本語の本文です。 UTF-8, sent as 8bit.\r\ntrailing spaces   \r\n\ttab first\r\n\r\n\r\n\
-         {long}\r\nlast line\r\n"
-    );
-    let headers = format!(
-        "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-    );
-    let mut whole = headers.into_bytes();
-    whole.extend_from_slice(body.as_bytes());
-    (whole, body.into_bytes())
 }
 
 /// The maildir stores lines with bare LF.
@@ -475,7 +457,7 @@ fn every_decision_row_gives_its_reply_to_swaks() {
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| panic!("swaks thread panicked")))
             .map(|(case, expected, out)| {
-                let line = auth_reply(&out);
+                let line = swaks_auth_reply(&out);
                 assert_eq!(
                     line,
                     expected,
@@ -517,7 +499,7 @@ fn no_reachable_backend_is_454_temporary_failure() {
     for mechanism in ["PLAIN", "LOGIN"] {
         let out = swaks_auth(&port, true, mechanism, "alice@skydesk.jp", "alice-pass");
         assert_eq!(
-            auth_reply(&out),
+            swaks_auth_reply(&out),
             "454 4.7.0 Temporary authentication failure",
             "{out}\n{}",
             mailgate.log()
@@ -526,7 +508,7 @@ fn no_reachable_backend_is_454_temporary_failure() {
     // The rules come first: a wrong password is still a 535, not a hint that the backend is down.
     let out = swaks_auth(&port, true, "PLAIN", "alice@skydesk.jp", "wrong");
     assert_eq!(
-        auth_reply(&out),
+        swaks_auth_reply(&out),
         "535 5.7.8 Authentication credentials invalid"
     );
     let log = mailgate.log();
@@ -805,21 +787,6 @@ fn swaks_auth(port: &str, implicit: bool, mechanism: &str, user: &str, password:
         ],
         CLIENT_TIMEOUT,
     )
-}
-
-/// The server's final reply to AUTH in a swaks transcript (`<~  235 ...` over TLS; `<~*` for an
-/// error).
-fn auth_reply(out: &Output) -> String {
-    out.stdout
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("<~*").or_else(|| l.strip_prefix("<~"))?;
-            let rest = rest.trim_start();
-            let code = rest.get(..3)?;
-            matches!(code, "235" | "454" | "525" | "534" | "535" | "530").then(|| rest.to_owned())
-        })
-        .next_back()
-        .unwrap_or_default()
 }
 
 /// The extension lines of a `|`-joined EHLO reply, without the first (the host name).

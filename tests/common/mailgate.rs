@@ -315,6 +315,23 @@ impl Mailgate {
             .unwrap_or_else(|| panic!("no metrics address in the log:\n{}", self.log()))
     }
 
+    /// The value of the sample whose line starts with `series` (name and labels, e.g.
+    /// `mailgate_config_reloads_total{result="ok"}`), read from `/metrics` with curl.
+    ///
+    /// # Panics
+    /// When there is no such sample.
+    #[track_caller]
+    pub fn metric(&self, series: &str) -> u64 {
+        let url = format!("http://{}/metrics", self.metrics_addr());
+        let out = super::run_cmd("curl", &["-sS", &url], Duration::from_secs(30));
+        let prefix = format!("{series} ");
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{}", out.stdout))
+    }
+
     pub fn port(&self, name: &str) -> u16 {
         self.addr(name).port()
     }

@@ -26,6 +26,7 @@
 
 pub mod clients;
 pub mod dovecot;
+pub mod mail;
 pub mod mailgate;
 pub mod postfix;
 
