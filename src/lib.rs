@@ -37,6 +37,8 @@ pub mod login;
 pub mod metrics;
 pub mod policy;
 pub mod preauth;
+#[cfg(test)]
+mod prop_support;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;

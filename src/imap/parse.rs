@@ -806,30 +806,11 @@ impl<'a> Cursor<'a> {
 pub(crate) mod prop_tests {
     use proptest::prelude::*;
     use proptest::sample::Index;
-    use proptest::test_runner::{RngSeed, TestCaseError};
+    use proptest::test_runner::TestCaseError;
 
     use super::*;
 
-    /// Deterministic and writing no files; `PROPTEST_CASES` and `PROPTEST_RNG_SEED` in the
-    /// environment still win, for a longer campaign.
-    pub(crate) fn config(cases: u32) -> ProptestConfig {
-        let defaults = ProptestConfig::default();
-        let set = |name: &str| std::env::var_os(name).is_some();
-        ProptestConfig {
-            cases: if set("PROPTEST_CASES") {
-                defaults.cases
-            } else {
-                cases
-            },
-            rng_seed: if set("PROPTEST_RNG_SEED") {
-                defaults.rng_seed
-            } else {
-                RngSeed::Fixed(0x6d61_696c_6761_7465)
-            },
-            failure_persistence: None,
-            ..defaults
-        }
-    }
+    pub(crate) use crate::prop_support::config;
 
     /// `bytes` cut at the given points, empty pieces left out.
     pub(crate) fn pieces<'a>(bytes: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {

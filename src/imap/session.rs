@@ -1732,23 +1732,7 @@ mod prop_tests {
         prop::sample::select(CONFIGS.to_vec())
     }
 
-    /// Every reply is whole lines of printable ASCII: no client byte breaks a reply line.
-    fn check_write(write: &[u8]) -> Result<(), TestCaseError> {
-        prop_assert!(
-            write.is_empty() || write.ends_with(b"\r\n"),
-            "{}",
-            write.escape_ascii()
-        );
-        for line in write.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            prop_assert!(
-                line.iter().all(|b| (0x20..0x7f).contains(b)),
-                "{}",
-                write.escape_ascii()
-            );
-        }
-        Ok(())
-    }
+    use crate::prop_support::check_write;
 
     /// Run a session over `chunks` as the driver does: every login refused, or the first one
     /// accepted (then later chunks are only buffered). Everything the client sees, events

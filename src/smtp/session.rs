@@ -1203,30 +1203,11 @@ pub(super) mod prop_tests {
     use base64::Engine as _;
     use proptest::prelude::*;
     use proptest::sample::Index;
-    use proptest::test_runner::{RngSeed, TestCaseError};
+    use proptest::test_runner::TestCaseError;
 
     use super::*;
 
-    /// Deterministic and writing no files; `PROPTEST_CASES` and `PROPTEST_RNG_SEED` in the
-    /// environment still win, for a longer campaign.
-    pub(in crate::smtp) fn config(cases: u32) -> ProptestConfig {
-        let defaults = ProptestConfig::default();
-        let set = |name: &str| std::env::var_os(name).is_some();
-        ProptestConfig {
-            cases: if set("PROPTEST_CASES") {
-                defaults.cases
-            } else {
-                cases
-            },
-            rng_seed: if set("PROPTEST_RNG_SEED") {
-                defaults.rng_seed
-            } else {
-                RngSeed::Fixed(0x6d61_696c_6761_7465)
-            },
-            failure_persistence: None,
-            ..defaults
-        }
-    }
+    pub(in crate::smtp) use crate::prop_support::config;
 
     /// `bytes` cut at the given points, empty pieces left out.
     fn pieces<'a>(bytes: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
@@ -1383,23 +1364,7 @@ pub(super) mod prop_tests {
         )
     }
 
-    /// Every reply is whole lines of printable ASCII.
-    fn check_write(write: &[u8]) -> Result<(), TestCaseError> {
-        prop_assert!(
-            write.is_empty() || write.ends_with(b"\r\n"),
-            "{}",
-            write.escape_ascii()
-        );
-        for line in write.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            prop_assert!(
-                line.iter().all(|b| (0x20..0x7f).contains(b)),
-                "{}",
-                write.escape_ascii()
-            );
-        }
-        Ok(())
-    }
+    use crate::prop_support::check_write;
 
     /// Run a session over `chunks` as the driver does: every AUTH refused, or the first one
     /// accepted (the driver then stops reading into the session and sends the pipelined
