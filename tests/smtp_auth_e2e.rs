@@ -21,7 +21,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::mail::{message, swaks_auth_reply};
+use common::mail::{message, swaks_auth_reply, unfold};
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
 use common::{run_cmd, run_python_args, Dovecot, DovecotOpts, Postfix, PostfixOpts};
 
@@ -508,21 +508,6 @@ fn passthrough_sends_the_clients_own_credentials_through_postfix_and_dovecot_sas
     let log = misconfigured.wait_for_log("does not offer AUTH PLAIN", Duration::from_secs(5));
     assert!(log.contains("result=backend_unavailable"), "{log}");
     assert!(!auth_only.log().contains(" auth="), "{}", auth_only.log());
-}
-
-/// Header fields, each with its continuation lines joined to it.
-fn unfold(header: &str) -> Vec<String> {
-    let mut fields: Vec<String> = Vec::new();
-    for line in header.split("\r\n") {
-        match (line.starts_with([' ', '\t']), fields.last_mut()) {
-            (true, Some(last)) => {
-                last.push(' ');
-                last.push_str(line.trim());
-            }
-            _ => fields.push(line.to_owned()),
-        }
-    }
-    fields
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {

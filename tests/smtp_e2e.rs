@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::thread;
 use std::time::Duration;
 
-use common::mail::{message, swaks_auth_reply};
+use common::mail::{message, swaks_auth_reply, unfold};
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
 use common::{run_cmd, run_python_args, Dovecot, DovecotOpts, Output, Postfix, PostfixOpts};
 
@@ -196,17 +196,7 @@ fn delivered(dovecot: &Dovecot, user: &str, subject: &str) -> Vec<u8> {
 /// The unfolded `Received:` header Postfix added (the last one: Dovecot's LMTP adds its own
 /// on top).
 fn postfix_received(header: &str) -> String {
-    let mut fields: Vec<String> = Vec::new();
-    for line in header.lines() {
-        match (line.starts_with([' ', '\t']), fields.last_mut()) {
-            (true, Some(last)) => {
-                last.push(' ');
-                last.push_str(line.trim());
-            }
-            _ => fields.push(line.to_owned()),
-        }
-    }
-    fields
+    unfold(header)
         .into_iter()
         .rfind(|f| f.starts_with("Received:") && f.contains("(Postfix)"))
         .unwrap_or_default()

@@ -35,3 +35,18 @@ pub fn swaks_auth_reply(out: &Output) -> String {
         .next_back()
         .unwrap_or_default()
 }
+
+/// Header fields, each with its continuation lines joined to it (CRLF or LF line ends).
+pub fn unfold(header: &str) -> Vec<String> {
+    let mut fields: Vec<String> = Vec::new();
+    for line in header.lines() {
+        match (line.starts_with([' ', '\t']), fields.last_mut()) {
+            (true, Some(last)) => {
+                last.push(' ');
+                last.push_str(line.trim());
+            }
+            _ => fields.push(line.to_owned()),
+        }
+    }
+    fields
+}
