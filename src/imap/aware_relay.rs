@@ -8,15 +8,17 @@
 //! mailgate's own replies to it pile up.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::buffers::RELAY_BUFFER;
+use crate::buffers::{PooledBuf, Size};
 use crate::imap::aware::Aware;
 use crate::relay::{is_disconnect, Meter, RelayEnd, RelayStats};
 use crate::shutdown::{Phase, Shutdown};
@@ -59,7 +61,6 @@ where
     let (mut backend_rd, mut backend_wr) = tokio::io::split(backend);
 
     let up = async {
-        let mut buf = vec![0u8; RELAY_BUFFER];
         loop {
             let out = lock(&filter).take_for_backend();
             if !out.is_empty() {
@@ -68,8 +69,8 @@ where
             }
             let full = lock(&filter).client_backlog() > CLIENT_BACKLOG;
             tokio::select! {
-                r = client_rd.read(&mut buf), if !full => {
-                    let n = r?;
+                r = read_pooled(&mut client_rd), if !full => {
+                    let (buf, n) = r?;
                     if n == 0 {
                         backend_wr.shutdown().await?;
                         return Ok::<(), io::Error>(());
@@ -88,7 +89,6 @@ where
         }
     };
     let down = async {
-        let mut buf = vec![0u8; RELAY_BUFFER];
         loop {
             let out = lock(&filter).take_for_client();
             if !out.is_empty() {
@@ -98,8 +98,8 @@ where
                 wake_up.notify_one();
             }
             tokio::select! {
-                r = backend_rd.read(&mut buf) => {
-                    let n = r?;
+                r = read_pooled(&mut backend_rd) => {
+                    let (buf, n) = r?;
                     if n == 0 {
                         let out = lock(&filter).take_for_client();
                         client_wr.write_all(&out).await?;
@@ -149,11 +149,34 @@ fn lock(filter: &Mutex<Aware>) -> MutexGuard<'_, Aware> {
     filter.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Reads into a buffer from the per-thread pool, held only while the read completes: a poll
+/// that finds nothing gives it back, so an idle aware session holds no read buffer (as the
+/// splice). Returns the buffer and how many bytes it got.
+async fn read_pooled<R: AsyncRead + Unpin + ?Sized>(
+    reader: &mut R,
+) -> io::Result<(PooledBuf, usize)> {
+    std::future::poll_fn(|cx| {
+        let mut buf = PooledBuf::take(Size::Relay);
+        let mut read = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                Poll::Ready(Ok((buf, n)))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // The buffer goes back to the pool here.
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::imap::aware::{utf7_encode, Rules};
     use crate::relay::NoMeter;
+    use tokio::io::AsyncReadExt;
 
     fn filter() -> Aware {
         Aware::new(
@@ -174,6 +197,25 @@ mod tests {
             got.extend_from_slice(buf.get(..n).unwrap_or_default());
         }
         got
+    }
+
+    #[test]
+    fn a_read_that_finds_nothing_gives_its_buffer_back() {
+        use std::future::Future as _;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let (_peer, mut stream) = tokio::io::duplex(64);
+        // The pool's next buffer is this one: whoever takes it and gives it back, it returns.
+        let first = PooledBuf::take(Size::Relay);
+        let ptr = first.as_ptr();
+        drop(first);
+        let mut read = Box::pin(read_pooled(&mut stream));
+        assert!(read.as_mut().poll(&mut cx).is_pending());
+        let again = PooledBuf::take(Size::Relay);
+        assert_eq!(
+            again.as_ptr(),
+            ptr,
+            "a read waiting for bytes kept its buffer"
+        );
     }
 
     #[tokio::test]
