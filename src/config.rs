@@ -612,6 +612,17 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// The problems of one load as a single message: `what`, then one indented line each.
+    pub fn summary(what: &str, errors: &[ConfigError]) -> String {
+        let mut text = format!("{what}:");
+        for e in errors {
+            text.push_str(&format!("\n  {e}"));
+        }
+        text
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;

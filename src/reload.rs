@@ -37,8 +37,8 @@ pub fn reload(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
 
 fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
     let config = Config::load(path).map_err(|errors| listed("config", &errors))?;
-    let store = AccountStore::load(&config.accounts.path)
-        .map_err(|errors| listed("account data", &errors))?;
+    let store =
+        AccountStore::load(&config.accounts.path).map_err(|e| listed("account data", &e))?;
     let certificates = match &context.tls {
         Some(running) => {
             let provider = running.config.crypto_provider();
@@ -64,6 +64,5 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
 }
 
 fn listed(what: &str, errors: &[ConfigError]) -> anyhow::Error {
-    let lines: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
-    anyhow::anyhow!("{what}:\n{}", lines.join("\n"))
+    anyhow::anyhow!(ConfigError::summary(what, errors))
 }

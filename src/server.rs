@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accounts::{AccountStore, Authenticator};
 use crate::backend::BackendStream;
-use crate::config::{Config, ListenerConfig, ListenerTls, Protocol};
+use crate::config::{Config, ConfigError, ListenerConfig, ListenerTls, Protocol};
 use crate::health::Readiness;
 use crate::limits::{ConnectionPermit, Limiter, Rejection, SessionPermit};
 use crate::login::LoginResult;
@@ -102,16 +102,8 @@ impl Server {
         } else {
             None
         };
-        let store = AccountStore::load(&config.accounts.path).map_err(|errors| {
-            anyhow::anyhow!(
-                "account data:\n{}",
-                errors
-                    .iter()
-                    .map(|e| format!("  {e}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            )
-        })?;
+        let store = AccountStore::load(&config.accounts.path)
+            .map_err(|errors| anyhow::anyhow!(ConfigError::summary("account data", &errors)))?;
         // Also builds each TLS pool's client config (roots, session cache), once.
         let router = Router::from_config(&config)?;
         let metrics = Metrics::new(&prometheus::Registry::new(), &config).context("metrics")?;

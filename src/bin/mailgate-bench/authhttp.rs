@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use mailgate::accounts::{AccountStore, Authenticator};
-use mailgate::config::{Messages, Protocol};
+use mailgate::config::{ConfigError, Messages, Protocol};
 use mailgate::policy::Decision;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -78,10 +78,8 @@ pub fn run(args: Args) -> Result<()> {
                 .accounts
                 .as_deref()
                 .context("--check accounts needs --accounts")?;
-            let store = AccountStore::load(path).map_err(|errors| {
-                let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-                anyhow::anyhow!("account data:\n{}", lines.join("\n"))
-            })?;
+            let store = AccountStore::load(path)
+                .map_err(|errors| anyhow::anyhow!(ConfigError::summary("account data", &errors)))?;
             Some(Authenticator::new(store))
         }
     };
