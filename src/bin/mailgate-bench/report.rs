@@ -11,16 +11,19 @@ pub enum Kind {
     Mailgate,
     Nginx,
     Direct,
+    /// A second mailgate build (`--mailgate-b`), measured beside the first for an A/B.
+    MailgateB,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Mailgate, Kind::Nginx, Kind::Direct];
+    pub const ALL: [Kind; 4] = [Kind::Mailgate, Kind::Nginx, Kind::Direct, Kind::MailgateB];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Mailgate => "mailgate",
             Kind::Nginx => "nginx",
             Kind::Direct => "direct",
+            Kind::MailgateB => "mailgate-b",
         }
     }
 
@@ -42,6 +45,10 @@ pub enum Metric {
     AuthCpuRepeat,
     /// The Dovecot backend, ms per login.
     BackendCpuRepeat,
+    /// Derived per repetition: `CpuRepeat` over `BackendCpuRepeat`. The machine's speed drifts
+    /// by 20-30 % between repetitions here and every process's CPU per login moves with it;
+    /// Dovecot does the same work per login behind every target, so it is the yardstick.
+    CpuRepeatPerBackend,
     IdleKib,
     /// RSS grown by one login of each idle user right after a restart (MiB; one-off).
     WarmRssMib,
@@ -110,6 +117,12 @@ const ROWS: &[Row] = &[
         metric: Metric::BackendCpuRepeat,
         label: "Dovecot CPU ms/login, repeat logins",
         decimals: 2,
+        ratios: true,
+    },
+    Row {
+        metric: Metric::CpuRepeatPerBackend,
+        label: "target CPU per repeat login ÷ Dovecot's, same repetition ⁵",
+        decimals: 3,
         ratios: true,
     },
     Row {
@@ -216,8 +229,26 @@ impl Results {
             .insert(rep, value);
     }
 
-    /// Adds the per-repetition differences to direct's NOOP figures.
+    /// Adds the per-repetition differences to direct's NOOP figures and the target's CPU per
+    /// login relative to its backend's.
     pub fn derive(&mut self) {
+        for kind in Kind::ALL {
+            let (Some(own), Some(backend)) = (
+                self.samples.get(&(Metric::CpuRepeat, kind)).cloned(),
+                self.samples.get(&(Metric::BackendCpuRepeat, kind)).cloned(),
+            ) else {
+                continue;
+            };
+            // Direct's "target" is its backend: the quotient would say nothing.
+            if kind == Kind::Direct {
+                continue;
+            }
+            for (rep, value) in own {
+                if let Some(&b) = backend.get(&rep).filter(|b| **b > 0.0) {
+                    self.record(Metric::CpuRepeatPerBackend, kind, rep, value / b);
+                }
+            }
+        }
         for (from, to) in [
             (Metric::NoopMedianUs, Metric::NoopMedianAddedUs),
             (Metric::NoopP99Us, Metric::NoopP99AddedUs),
@@ -361,6 +392,13 @@ impl Results {
             cpu.map(|(a, b)| format!("{a:.2} ms vs {b:.2} ms = {:.2}×", a / b)),
             cpu.map(|(a, b)| a <= 0.45 * b),
         ));
+        let per = m(Metric::CpuRepeatPerBackend).zip(n(Metric::CpuRepeatPerBackend));
+        rows.push((
+            "… each ÷ Dovecot's CPU per login ⁵",
+            "≤ 0.45 × nginx's".to_owned(),
+            per.map(|(a, b)| format!("{a:.3} vs {b:.3} = {:.2}×", a / b)),
+            per.map(|(a, b)| a <= 0.45 * b),
+        ));
         let idle = m(Metric::IdleKib);
         rows.push((
             "RSS per idle TLS session",
@@ -454,12 +492,51 @@ mod tests {
     }
 
     #[test]
+    fn cpu_relative_to_the_backend_is_per_repetition() {
+        let mut r = Results::default();
+        // The machine slows down in repetition 1: every figure grows, the quotient does not.
+        for (kind, own) in [
+            (Kind::Mailgate, 0.5),
+            (Kind::Nginx, 1.0),
+            (Kind::MailgateB, 0.4),
+        ] {
+            r.record(Metric::CpuRepeat, kind, 0, own);
+            r.record(Metric::BackendCpuRepeat, kind, 0, 4.0);
+            r.record(Metric::CpuRepeat, kind, 1, own * 1.5);
+            r.record(Metric::BackendCpuRepeat, kind, 1, 6.0);
+        }
+        r.derive();
+        assert_eq!(
+            r.median(Metric::CpuRepeatPerBackend, Kind::Mailgate),
+            Some(0.125)
+        );
+        assert_eq!(
+            r.median(Metric::CpuRepeatPerBackend, Kind::Nginx),
+            Some(0.25)
+        );
+        let table = r.table(&[Kind::Mailgate, Kind::MailgateB, Kind::Nginx]);
+        assert!(
+            table.contains(
+                "| target CPU per repeat login ÷ Dovecot's, same repetition ⁵ | 0.125 | 0.100 | 0.250 | 1.25× | 0.50× |"
+            ),
+            "{table}"
+        );
+        assert!(
+            r.checks().contains(
+                "| … each ÷ Dovecot's CPU per login ⁵ | ≤ 0.45 × nginx's | 0.125 vs 0.250 = 0.50× | **missed** |"
+            ),
+            "{}",
+            r.checks()
+        );
+    }
+
+    #[test]
     fn table_has_ratio_columns_and_checks() {
         let mut r = Results::default();
         r.record(Metric::BulkMibs, Kind::Mailgate, 0, 600.0);
         r.record(Metric::BulkMibs, Kind::Nginx, 0, 200.0);
         r.record(Metric::BulkMibs, Kind::Direct, 0, 800.0);
-        let table = r.table(&Kind::ALL);
+        let table = r.table(&[Kind::Mailgate, Kind::Nginx, Kind::Direct]);
         assert!(
             table.contains(
                 "| bulk FETCH of 10 MiB message, MiB/s | 600 | 200 | 800 | 3.00× | 0.75× |"
@@ -477,7 +554,7 @@ mod tests {
         r.record(Metric::MixedOps, Kind::Mailgate, 0, 2850.0);
         r.record(Metric::MixedOps, Kind::Nginx, 0, 3000.0);
         r.record(Metric::MixedOps, Kind::Direct, 0, 3100.0);
-        let table = r.table(&Kind::ALL);
+        let table = r.table(&[Kind::Mailgate, Kind::Nginx, Kind::Direct]);
         assert!(
             table.contains("| ops/s, mixed workload ⁴ | 2850 | 3000 | 3100 | 0.95× | 0.92× |"),
             "{table}"

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::authhttp::Check;
-use crate::daemons::{self, loopback, Daemon, Env, Ports};
+use crate::daemons::{self, loopback, Build, Daemon, Env, Ports};
 use crate::load::{self, Conn, Users};
 use crate::procfs;
 use crate::report::{quantile, Kind, Metric, Results};
@@ -55,8 +55,9 @@ pub struct Args {
     /// Users in the account data and the backend.
     #[arg(long, default_value_t = 5000)]
     users: u32,
-    /// Targets, comma-separated, in round-robin order.
-    #[arg(long, value_delimiter = ',', default_value = "mailgate,nginx,direct")]
+    /// Targets, comma-separated, in round-robin order (default: mailgate,nginx,direct, and
+    /// mailgate-b when `--mailgate-b` is given).
+    #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
     /// The certificate (PEM) and key every target serves.
     #[arg(long)]
@@ -84,6 +85,11 @@ pub struct Args {
     /// The mailgate binary (default: next to this one).
     #[arg(long)]
     mailgate: Option<PathBuf>,
+    /// A second mailgate binary, measured as the target `mailgate-b` beside the first (an A/B
+    /// of two builds in one run; the table's `mailgate/mailgate-b` column is the ratio).
+    /// Adds `mailgate-b` to the targets unless `--targets` is given.
+    #[arg(long)]
+    mailgate_b: Option<PathBuf>,
     /// The system user owning the maildirs.
     #[arg(long, default_value = "mgbench")]
     mail_user: String,
@@ -126,11 +132,21 @@ struct Plan {
 impl Plan {
     fn new(a: &Args) -> Result<Plan> {
         let q = a.quick;
-        let kinds = a
-            .targets
-            .iter()
-            .map(|t| Kind::parse(t.trim()).with_context(|| format!("unknown target {t}")))
-            .collect::<Result<Vec<_>>>()?;
+        let kinds = if a.targets.is_empty() {
+            let mut kinds = vec![Kind::Mailgate, Kind::Nginx, Kind::Direct];
+            if a.mailgate_b.is_some() {
+                kinds.push(Kind::MailgateB);
+            }
+            kinds
+        } else {
+            a.targets
+                .iter()
+                .map(|t| Kind::parse(t.trim()).with_context(|| format!("unknown target {t}")))
+                .collect::<Result<Vec<_>>>()?
+        };
+        if kinds.contains(&Kind::MailgateB) && a.mailgate_b.is_none() {
+            bail!("target mailgate-b needs --mailgate-b PATH");
+        }
         let plan = Plan {
             reps: a.reps.unwrap_or(if q { 1 } else { 3 }).max(1),
             clients: a.clients.unwrap_or(if q { 16 } else { 32 }).max(1),
@@ -194,6 +210,7 @@ struct Lab {
     env: Env,
     // Drop order: the proxies before the backend.
     mailgate: Option<Daemon>,
+    mailgate_b: Option<Daemon>,
     nginx: Option<Daemon>,
     auth: Option<Daemon>,
     dovecot: Option<Daemon>,
@@ -203,6 +220,7 @@ impl Lab {
     fn daemon(&mut self, kind: Kind) -> Option<&mut Daemon> {
         match kind {
             Kind::Mailgate => self.mailgate.as_mut(),
+            Kind::MailgateB => self.mailgate_b.as_mut(),
             Kind::Nginx => self.nginx.as_mut(),
             Kind::Direct => self.dovecot.as_mut(),
         }
@@ -216,6 +234,7 @@ impl Lab {
     fn target_pid(&self, kind: Kind) -> u32 {
         match kind {
             Kind::Mailgate => Self::pid(&self.mailgate),
+            Kind::MailgateB => Self::pid(&self.mailgate_b),
             Kind::Nginx => Self::pid(&self.nginx),
             Kind::Direct => Self::pid(&self.dovecot),
         }
@@ -238,6 +257,7 @@ impl Lab {
             &mut self.auth,
             &mut self.nginx,
             &mut self.mailgate,
+            &mut self.mailgate_b,
         ]
         .into_iter()
         .flatten()
@@ -255,7 +275,12 @@ impl Lab {
 
     fn start(&mut self, kind: Kind) -> Result<()> {
         match kind {
-            Kind::Mailgate => self.mailgate = Some(daemons::start_mailgate(&self.env)?),
+            Kind::Mailgate => {
+                self.mailgate = Some(daemons::start_mailgate(&self.env, Build::A)?);
+            }
+            Kind::MailgateB => {
+                self.mailgate_b = Some(daemons::start_mailgate(&self.env, Build::B)?);
+            }
             Kind::Nginx => self.nginx = Some(daemons::start_nginx(&self.env)?),
             Kind::Direct => self.dovecot = Some(daemons::start_dovecot(&self.env)?),
         }
@@ -700,6 +725,9 @@ async fn bench(args: Args) -> Result<()> {
             mailgate_bin.display()
         );
     }
+    if let Some(b) = args.mailgate_b.as_ref().filter(|b| !b.exists()) {
+        bail!("--mailgate-b: no mailgate binary at {}", b.display());
+    }
 
     let users = plan.users;
     let cache2 = cache.clone();
@@ -718,6 +746,7 @@ async fn bench(args: Args) -> Result<()> {
         cert: std::fs::canonicalize(&args.cert).context("--cert")?,
         key: std::fs::canonicalize(&args.key).context("--key")?,
         mailgate_bin,
+        mailgate_b_bin: args.mailgate_b.clone(),
         self_bin,
         tokio_workers: args.tokio_workers,
         nginx_workers: args.nginx_workers.clone(),
@@ -728,6 +757,7 @@ async fn bench(args: Args) -> Result<()> {
     let mut lab = Lab {
         env: env.clone(),
         mailgate: None,
+        mailgate_b: None,
         nginx: None,
         auth: None,
         dovecot: None,
@@ -742,14 +772,17 @@ async fn bench(args: Args) -> Result<()> {
     if plan.kinds.contains(&Kind::Nginx) {
         lab.start(Kind::Nginx)?;
     }
-    if plan.kinds.contains(&Kind::Mailgate) {
-        lab.start(Kind::Mailgate)?;
+    for kind in [Kind::Mailgate, Kind::MailgateB] {
+        if plan.kinds.contains(&kind) {
+            lab.start(kind)?;
+        }
     }
     let name = tls::server_name()?;
     let mut conns = Vec::new();
     for &kind in &plan.kinds {
         let port = match kind {
             Kind::Mailgate => env.ports.mailgate,
+            Kind::MailgateB => env.ports.mailgate_b,
             Kind::Nginx => env.ports.nginx,
             Kind::Direct => env.ports.dovecot_tls,
         };
@@ -838,6 +871,7 @@ const FOOTNOTES: &str = "¹ CPU (user + system, from `/proc/PID/stat`) of the ta
 ² RSS (`VmRSS` summed over the target's process tree) after opening N sessions minus before, divided by N; the target is restarted just before, and each of the sessions' users logs in (and out) once before \"before\" is read, so one-off costs such as mailgate's argon2 runs are not spread over the sessions. For direct this counts Dovecot's one `imap` process per session.  \n\
 ³ The same restart, before any session is open: RSS after each of the idle users (`--repeat-users`) logged in once, minus RSS right after the restart. Not per session, but memory the process keeps.  \n\
 ⁴ C sessions (users 1–5, INBOX of 200 small messages) logged in before the clock starts, each looping one command at a time over a mail client's mix: NOOP 4, header fetch of 20 messages 3, `FETCH n BODY.PEEK[]` of one small message 3, `UID FETCH 1:* (FLAGS)` 2, `UID SEARCH UNSEEN` 2, `STATUS INBOX` 2, `SELECT INBOX` 1 (weights of 17); every answer checked; each round trip one op. The same seeded sequence on every target in a repetition. CPU is read around the loop only (no logins in it).  \n\
+⁵ The machine's speed drifts between repetitions (every process's CPU per login, Dovecot's too, moves by 20–30 % together), so the target's CPU is divided by the Dovecot's in the same repetition: Dovecot does the same work per login behind each target. The mailgate/nginx ratio of this row is the low-noise one (its repetitions agree within a few %); the row above it is the raw figure.  \n\
 Load generator and targets share the machine's cores: read the figures as ratios within this run.";
 
 fn rotate(kinds: &[Kind], rep: usize) -> Vec<Kind> {
@@ -912,6 +946,15 @@ fn header(plan: &Plan, args: &Args, env: &Env) -> String {
         command_line("dovecot", &["--version"]),
         command_line("git", &["rev-parse", "--short", "HEAD"]),
     );
+    if let Some(b) = &env.mailgate_b_bin {
+        let _ = writeln!(
+            h,
+            "- mailgate-b (A/B): {} ({}), same config as mailgate (`{}`)",
+            b.display(),
+            command_line(&b.to_string_lossy(), &["--version"]),
+            env.mailgate_bin.display(),
+        );
+    }
     let _ = writeln!(
         h,
         "- targets: mailgate (release, {} tokio workers); nginx mail proxy (`worker_processes {}`, auth_http → `mailgate-bench auth-http --check {}`: {}); direct = Dovecot's own TLS listener ({} imap-login processes, high-performance mode). Backend: one Dovecot, plaintext on loopback, {} users, one `imap` process per session.",
@@ -977,7 +1020,7 @@ mod tests {
     #[test]
     fn rotation() {
         assert_eq!(
-            rotate(&Kind::ALL, 1),
+            rotate(&[Kind::Mailgate, Kind::Nginx, Kind::Direct], 1),
             [Kind::Nginx, Kind::Direct, Kind::Mailgate]
         );
     }
