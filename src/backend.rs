@@ -190,13 +190,15 @@ fn system_roots() -> Result<RootCertStore, TransportError> {
 }
 
 /// A client config that verifies the backend's certificate chain and name (webpki), with the
-/// ring provider the server side uses too.
+/// aws-lc-rs provider the server side uses too.
 fn client_config(roots: RootCertStore) -> Result<ClientConfig, rustls::Error> {
     Ok(
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
+        ClientConfig::builder_with_provider(
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
     )
 }
 
@@ -399,7 +401,7 @@ pub(crate) mod test_pki {
             let leaf = params.signed_by(&key, &self.issuer).expect("leaf cert");
             let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
             let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
+                rustls::crypto::aws_lc_rs::default_provider(),
             ))
             .with_safe_default_protocol_versions()
             .expect("versions")

@@ -962,22 +962,24 @@ fn load_certified_key(c: &CertificateConfig) -> Result<CertifiedKey, (&'static s
     }
     let key = PrivateKeyDer::from_pem_file(&c.key)
         .map_err(|e| ("key", pem_problem(&c.key, "a PEM private key", &e)))?;
-    CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider()).map_err(|e| {
-        let why = match e {
-            rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => {
-                "it is not the private key of that certificate".to_string()
-            }
-            e => e.to_string(),
-        };
-        (
-            "key",
-            format!(
-                "`{}` does not go with `{}`: {why}",
-                c.key.display(),
-                c.cert.display()
-            ),
-        )
-    })
+    CertifiedKey::from_der(chain, key, &rustls::crypto::aws_lc_rs::default_provider()).map_err(
+        |e| {
+            let why = match e {
+                rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => {
+                    "it is not the private key of that certificate".to_string()
+                }
+                e => e.to_string(),
+            };
+            (
+                "key",
+                format!(
+                    "`{}` does not go with `{}`: {why}",
+                    c.key.display(),
+                    c.cert.display()
+                ),
+            )
+        },
+    )
 }
 
 fn pem_problem(path: &Path, what: &str, e: &pem::Error) -> String {

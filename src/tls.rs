@@ -151,7 +151,7 @@ impl Tls {
     /// # Errors
     /// A file that cannot be read or parsed (naming its path), or a key that does not match.
     pub fn from_config(config: &TlsConfig) -> Result<Tls, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         for cert in &config.certificates {
             if config.self_signed_if_missing && !cert.cert.exists() && !cert.key.exists() {
                 write_dev_certificate(cert)?;
@@ -168,7 +168,7 @@ impl Tls {
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
-        server.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
         // One ticket per handshake is all a client needs to resume next time; rustls' default
         // of two costs an extra ticket encryption and record on every login.
         server.send_tls13_tickets = 1;

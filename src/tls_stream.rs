@@ -644,7 +644,7 @@ mod tests {
     impl Pki {
         fn client(&self, versions: &[&'static SupportedProtocolVersion]) -> Arc<ClientConfig> {
             let config = ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
+                rustls::crypto::aws_lc_rs::default_provider(),
             ))
             .with_protocol_versions(versions)
             .expect("versions")

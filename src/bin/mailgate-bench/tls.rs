@@ -1,6 +1,6 @@
 //! The client side of TLS: one rustls client config per target (so session tickets of one
-//! target are never offered to another), restricted to one protocol version and cipher suite so
-//! every target negotiates the same, and a verifier that checks the handshake signature (real
+//! target are never offered to another), restricted to one protocol version, cipher suite and key
+//! exchange group (X25519) so every target negotiates the same, and a verifier that checks the handshake signature (real
 //! work, as in a mail client) but not the chain of the bench's self-signed certificate.
 
 use std::fmt;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context as _, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
-use rustls::crypto::{ring, CryptoProvider};
+use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     ClientConfig, ClientConnection, DigitallySignedStruct, HandshakeKind, SignatureScheme,
@@ -27,12 +27,12 @@ impl TlsChoice {
     /// `name` is a rustls suite name such as `TLS13_AES_256_GCM_SHA384` or
     /// `TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384`.
     pub fn new(name: &str, resumption: bool) -> Result<TlsChoice> {
-        let suite = ring::ALL_CIPHER_SUITES
+        let suite = aws_lc_rs::ALL_CIPHER_SUITES
             .iter()
             .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name))
             .copied()
             .ok_or_else(|| {
-                let names: Vec<String> = ring::ALL_CIPHER_SUITES
+                let names: Vec<String> = aws_lc_rs::ALL_CIPHER_SUITES
                     .iter()
                     .map(|s| format!("{:?}", s.suite()))
                     .collect();
@@ -45,7 +45,10 @@ impl TlsChoice {
     pub fn connector(&self) -> Result<TlsConnector> {
         let provider = Arc::new(CryptoProvider {
             cipher_suites: vec![self.suite],
-            ..ring::default_provider()
+            // X25519 alone: nginx's OpenSSL 3.0 has no post-quantum group, and every target
+            // must negotiate the same.
+            kx_groups: vec![aws_lc_rs::kx_group::X25519],
+            ..aws_lc_rs::default_provider()
         });
         let version = self.suite.version();
         let mut config = ClientConfig::builder_with_provider(provider.clone())
