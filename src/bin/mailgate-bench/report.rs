@@ -49,6 +49,12 @@ pub enum Metric {
     /// by 20-30 % between repetitions here and every process's CPU per login moves with it;
     /// Dovecot does the same work per login behind every target, so it is the yardstick.
     CpuRepeatPerBackend,
+    /// Repeat logins with every TLS handshake full (no resumption).
+    LoginsFull,
+    CpuFull,
+    BackendCpuFull,
+    /// Derived per repetition, as `CpuRepeatPerBackend`.
+    CpuFullPerBackend,
     IdleKib,
     /// RSS grown by one login of each idle user right after a restart (MiB; one-off).
     WarmRssMib,
@@ -122,6 +128,30 @@ const ROWS: &[Row] = &[
     Row {
         metric: Metric::CpuRepeatPerBackend,
         label: "target CPU per repeat login ÷ Dovecot's, same repetition ⁵",
+        decimals: 3,
+        ratios: true,
+    },
+    Row {
+        metric: Metric::LoginsFull,
+        label: "logins/s, repeat logins, full TLS handshakes",
+        decimals: 0,
+        ratios: true,
+    },
+    Row {
+        metric: Metric::CpuFull,
+        label: "target CPU ms/login, full TLS handshakes ¹",
+        decimals: 2,
+        ratios: true,
+    },
+    Row {
+        metric: Metric::BackendCpuFull,
+        label: "Dovecot CPU ms/login, full TLS handshakes",
+        decimals: 2,
+        ratios: true,
+    },
+    Row {
+        metric: Metric::CpuFullPerBackend,
+        label: "target CPU per full-handshake login ÷ Dovecot's ⁵",
         decimals: 3,
         ratios: true,
     },
@@ -232,20 +262,30 @@ impl Results {
     /// Adds the per-repetition differences to direct's NOOP figures and the target's CPU per
     /// login relative to its backend's.
     pub fn derive(&mut self) {
-        for kind in Kind::ALL {
-            let (Some(own), Some(backend)) = (
-                self.samples.get(&(Metric::CpuRepeat, kind)).cloned(),
-                self.samples.get(&(Metric::BackendCpuRepeat, kind)).cloned(),
-            ) else {
-                continue;
-            };
+        for (cpu, backend, to) in [
+            (
+                Metric::CpuRepeat,
+                Metric::BackendCpuRepeat,
+                Metric::CpuRepeatPerBackend,
+            ),
+            (
+                Metric::CpuFull,
+                Metric::BackendCpuFull,
+                Metric::CpuFullPerBackend,
+            ),
+        ] {
             // Direct's "target" is its backend: the quotient would say nothing.
-            if kind == Kind::Direct {
-                continue;
-            }
-            for (rep, value) in own {
-                if let Some(&b) = backend.get(&rep).filter(|b| **b > 0.0) {
-                    self.record(Metric::CpuRepeatPerBackend, kind, rep, value / b);
+            for kind in Kind::ALL.into_iter().filter(|&k| k != Kind::Direct) {
+                let (Some(own), Some(backend)) = (
+                    self.samples.get(&(cpu, kind)).cloned(),
+                    self.samples.get(&(backend, kind)).cloned(),
+                ) else {
+                    continue;
+                };
+                for (rep, value) in own {
+                    if let Some(&b) = backend.get(&rep).filter(|b| **b > 0.0) {
+                        self.record(to, kind, rep, value / b);
+                    }
                 }
             }
         }

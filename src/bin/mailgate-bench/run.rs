@@ -348,10 +348,50 @@ fn ms_per(ticks: u64, clk: u64, n: u64) -> f64 {
     ticks as f64 * 1000.0 / clk as f64 / n.max(1) as f64
 }
 
+/// Where a login phase's figures go.
+struct LoginMetrics {
+    logins: Metric,
+    cpu: Metric,
+    system: Option<Metric>,
+    auth: Option<Metric>,
+    backend: Option<Metric>,
+}
+
+impl LoginMetrics {
+    fn of(phase: Phase) -> LoginMetrics {
+        match phase {
+            Phase::FirstLogins => LoginMetrics {
+                logins: Metric::LoginsFirst,
+                cpu: Metric::CpuFirst,
+                system: None,
+                auth: None,
+                backend: None,
+            },
+            Phase::FullHandshakes => LoginMetrics {
+                logins: Metric::LoginsFull,
+                cpu: Metric::CpuFull,
+                system: None,
+                auth: None,
+                backend: Some(Metric::BackendCpuFull),
+            },
+            _ => LoginMetrics {
+                logins: Metric::LoginsRepeat,
+                cpu: Metric::CpuRepeat,
+                system: Some(Metric::SysCpuRepeat),
+                auth: Some(Metric::AuthCpuRepeat),
+                backend: Some(Metric::BackendCpuRepeat),
+            },
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Phase {
     FirstLogins,
     RepeatLogins,
+    /// Repeat logins with TLS session resumption off: every handshake full (a client without
+    /// a session cache, or one whose ticket expired).
+    FullHandshakes,
     Bulk,
     Noop,
     Mixed,
@@ -360,9 +400,10 @@ enum Phase {
 
 impl Phase {
     /// Every phase, in the order a run takes them (idle last: it restarts the targets).
-    const ALL: [Phase; 6] = [
+    const ALL: [Phase; 7] = [
         Phase::FirstLogins,
         Phase::RepeatLogins,
+        Phase::FullHandshakes,
         Phase::Bulk,
         Phase::Noop,
         Phase::Mixed,
@@ -373,6 +414,7 @@ impl Phase {
         match self {
             Phase::FirstLogins => "first logins",
             Phase::RepeatLogins => "repeat logins",
+            Phase::FullHandshakes => "full handshakes",
             Phase::Bulk => "bulk FETCH",
             Phase::Noop => "NOOP latency",
             Phase::Mixed => "mixed ops",
@@ -385,11 +427,22 @@ struct Bench {
     plan: Plan,
     lab: Lab,
     conns: Vec<(Kind, Conn)>,
+    /// The same targets, offering no TLS session resumption (the full-handshake phase).
+    full_conns: Vec<(Kind, Conn)>,
     clk: u64,
     results: Results,
 }
 
 impl Bench {
+    /// The target's connection without TLS session resumption.
+    fn full_conn(&self, kind: Kind) -> Result<Conn> {
+        self.full_conns
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, c)| c.clone())
+            .with_context(|| format!("no connection for {}", kind.name()))
+    }
+
     fn conn(&self, kind: Kind) -> Result<Conn> {
         self.conns
             .iter()
@@ -424,100 +477,8 @@ impl Bench {
             kind.name()
         );
         match phase {
-            Phase::FirstLogins | Phase::RepeatLogins => {
-                let users = if phase == Phase::FirstLogins {
-                    let (a, b) = self.plan.first_users(rep);
-                    Users::once(a, b)
-                } else {
-                    // Warm: each repeat user logged in once through this target (unmeasured).
-                    self.warm_up(&conn, &who).await;
-                    Users::cycle(1, self.plan.repeat_users)
-                };
-                let before = self.cpu(kind);
-                let run = load::logins(&conn, users, self.plan.clients, self.plan.login).await;
-                let after = self.cpu(kind);
-                self.lab.check_alive()?;
-                if run.failed > 0 {
-                    self.problem(
-                        &who,
-                        &format!(
-                            "{} of {} logins failed: {}",
-                            run.failed,
-                            run.ok + run.failed,
-                            run.first_error.clone().unwrap_or_default()
-                        ),
-                    );
-                }
-                if run.ok == 0 {
-                    bail!("no login succeeded");
-                }
-                let target = after.0.saturating_sub(before.0);
-                let aux = after.1.saturating_sub(before.1);
-                let backend = after.2.saturating_sub(before.2);
-                let system = after.3.saturating_sub(before.3);
-                let first = phase == Phase::FirstLogins;
-                let r = &mut self.results;
-                r.record(
-                    if first {
-                        Metric::LoginsFirst
-                    } else {
-                        Metric::LoginsRepeat
-                    },
-                    kind,
-                    rep,
-                    run.per_second(),
-                );
-                r.record(
-                    if first {
-                        Metric::CpuFirst
-                    } else {
-                        Metric::CpuRepeat
-                    },
-                    kind,
-                    rep,
-                    ms_per(target + aux, self.clk, run.ok),
-                );
-                if !first {
-                    r.record(
-                        Metric::SysCpuRepeat,
-                        kind,
-                        rep,
-                        ms_per(system, self.clk, run.ok),
-                    );
-                    if kind == Kind::Nginx {
-                        r.record(
-                            Metric::AuthCpuRepeat,
-                            kind,
-                            rep,
-                            ms_per(aux, self.clk, run.ok),
-                        );
-                    }
-                    r.record(
-                        Metric::BackendCpuRepeat,
-                        kind,
-                        rep,
-                        ms_per(backend, self.clk, run.ok),
-                    );
-                    r.record(
-                        Metric::ResumedPercent,
-                        kind,
-                        rep,
-                        run.resumed as f64 * 100.0 / run.ok as f64,
-                    );
-                }
-                if let Some(n) = &run.negotiated {
-                    r.negotiated.entry(kind).or_insert_with(|| n.clone());
-                }
-                println!(
-                    "{who}: {:>5} logins in {:.1} s = {:>6.0}/s; CPU ms/login: target {:.2}{}, Dovecot {:.2}; resumed {}",
-                    run.ok,
-                    run.elapsed.as_secs_f64(),
-                    run.per_second(),
-                    ms_per(target + aux, self.clk, run.ok),
-                    if kind == Kind::Nginx { format!(" (auth_http {:.2})", ms_per(aux, self.clk, run.ok)) } else { String::new() },
-                    ms_per(backend, self.clk, run.ok),
-                    run.resumed,
-                );
+            Phase::FirstLogins | Phase::RepeatLogins | Phase::FullHandshakes => {
+                self.logins(phase, kind, rep, &who).await?;
             }
             Phase::Bulk => {
                 let (bytes, elapsed) = load::bulk(&conn, self.plan.bulk).await?;
@@ -545,6 +506,86 @@ impl Bench {
             Phase::Mixed => self.mixed(&who, &conn, kind, rep).await?,
             Phase::Idle => self.idle(kind, rep).await?,
         }
+        Ok(())
+    }
+
+    /// A login phase: C clients looping connect + TLS + LOGIN + LOGOUT. First logins take
+    /// each user of a fresh range once; repeat logins and full handshakes cycle over the
+    /// repeat users after logging each in once (unmeasured), the latter without resumption.
+    async fn logins(&mut self, phase: Phase, kind: Kind, rep: usize, who: &str) -> Result<()> {
+        let m = LoginMetrics::of(phase);
+        let conn = if phase == Phase::FullHandshakes {
+            self.full_conn(kind)?
+        } else {
+            self.conn(kind)?
+        };
+        let users = if phase == Phase::FirstLogins {
+            let (a, b) = self.plan.first_users(rep);
+            Users::once(a, b)
+        } else {
+            self.warm_up(&conn, who).await;
+            Users::cycle(1, self.plan.repeat_users)
+        };
+        let before = self.cpu(kind);
+        let run = load::logins(&conn, users, self.plan.clients, self.plan.login).await;
+        let after = self.cpu(kind);
+        self.lab.check_alive()?;
+        if run.failed > 0 {
+            self.problem(
+                who,
+                &format!(
+                    "{} of {} logins failed: {}",
+                    run.failed,
+                    run.ok + run.failed,
+                    run.first_error.clone().unwrap_or_default()
+                ),
+            );
+        }
+        if run.ok == 0 {
+            bail!("no login succeeded");
+        }
+        let target = after.0.saturating_sub(before.0);
+        let aux = after.1.saturating_sub(before.1);
+        let backend = after.2.saturating_sub(before.2);
+        let system = after.3.saturating_sub(before.3);
+        let per = |ticks| ms_per(ticks, self.clk, run.ok);
+        let (cpu, aux_ms, backend_ms, system_ms) =
+            (per(target + aux), per(aux), per(backend), per(system));
+        let r = &mut self.results;
+        r.record(m.logins, kind, rep, run.per_second());
+        r.record(m.cpu, kind, rep, cpu);
+        if let Some(metric) = m.system {
+            r.record(metric, kind, rep, system_ms);
+        }
+        if let Some(metric) = m.auth.filter(|_| kind == Kind::Nginx) {
+            r.record(metric, kind, rep, aux_ms);
+        }
+        if let Some(metric) = m.backend {
+            r.record(metric, kind, rep, backend_ms);
+        }
+        if phase == Phase::RepeatLogins {
+            let resumed = run.resumed as f64 * 100.0 / run.ok as f64;
+            r.record(Metric::ResumedPercent, kind, rep, resumed);
+        }
+        if let Some(n) = run
+            .negotiated
+            .as_ref()
+            .filter(|_| phase != Phase::FullHandshakes)
+        {
+            r.negotiated.entry(kind).or_insert_with(|| n.clone());
+        }
+        let auth_note = if kind == Kind::Nginx {
+            format!(" (auth_http {aux_ms:.2})")
+        } else {
+            String::new()
+        };
+        println!(
+            "{who}: {:>5} logins in {:.1} s = {:>6.0}/s; CPU ms/login: target {cpu:.2}{auth_note}, Dovecot {backend_ms:.2}; resumed {}",
+            run.ok,
+            run.elapsed.as_secs_f64(),
+            run.per_second(),
+            run.resumed,
+        );
         Ok(())
     }
 
@@ -779,6 +820,7 @@ async fn bench(args: Args) -> Result<()> {
     }
     let name = tls::server_name()?;
     let mut conns = Vec::new();
+    let mut full_conns = Vec::new();
     for &kind in &plan.kinds {
         let port = match kind {
             Kind::Mailgate => env.ports.mailgate,
@@ -792,6 +834,17 @@ async fn bench(args: Args) -> Result<()> {
             name: name.clone(),
         };
         wait_login(&mut lab, kind, &conn).await?;
+        let full = TlsChoice {
+            resumption: false,
+            ..choice.clone()
+        };
+        full_conns.push((
+            kind,
+            Conn {
+                connector: full.connector()?,
+                ..conn.clone()
+            },
+        ));
         conns.push((kind, conn));
     }
     let header = header(&plan, &args, &env);
@@ -801,6 +854,7 @@ async fn bench(args: Args) -> Result<()> {
         plan: plan.clone(),
         lab,
         conns,
+        full_conns,
         clk,
         results: Results::default(),
     };
@@ -871,7 +925,7 @@ const FOOTNOTES: &str = "¹ CPU (user + system, from `/proc/PID/stat`) of the ta
 ² RSS (`VmRSS` summed over the target's process tree) after opening N sessions minus before, divided by N; the target is restarted just before, and each of the sessions' users logs in (and out) once before \"before\" is read, so one-off costs such as mailgate's argon2 runs are not spread over the sessions. For direct this counts Dovecot's one `imap` process per session.  \n\
 ³ The same restart, before any session is open: RSS after each of the idle users (`--repeat-users`) logged in once, minus RSS right after the restart. Not per session, but memory the process keeps.  \n\
 ⁴ C sessions (users 1–5, INBOX of 200 small messages) logged in before the clock starts, each looping one command at a time over a mail client's mix: NOOP 4, header fetch of 20 messages 3, `FETCH n BODY.PEEK[]` of one small message 3, `UID FETCH 1:* (FLAGS)` 2, `UID SEARCH UNSEEN` 2, `STATUS INBOX` 2, `SELECT INBOX` 1 (weights of 17); every answer checked; each round trip one op. The same seeded sequence on every target in a repetition. CPU is read around the loop only (no logins in it).  \n\
-⁵ The machine's speed drifts between repetitions (every process's CPU per login, Dovecot's too, moves by 20–30 % together), so the target's CPU is divided by the Dovecot's in the same repetition: Dovecot does the same work per login behind each target. The mailgate/nginx ratio of this row is the low-noise one (its repetitions agree within a few %); the row above it is the raw figure.  \n\
+⁵ The machine's speed drifts between repetitions (every process's CPU per login, Dovecot's too, moves by 20–30 % together), so the target's CPU is divided by the Dovecot's in the same repetition: Dovecot does about the same work per login behind each target (behind mailgate `ID` and a master-user `AUTHENTICATE PLAIN`, behind nginx `LOGIN`; its raw CPU per login behind the two agrees within the drift). The mailgate/nginx ratio of this row is the low-noise one (its repetitions agree within a few %); the row above it is the raw figure.  \n\
 Load generator and targets share the machine's cores: read the figures as ratios within this run.";
 
 fn rotate(kinds: &[Kind], rep: usize) -> Vec<Kind> {
