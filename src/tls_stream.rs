@@ -185,7 +185,7 @@ impl LeanTlsStream {
                 Step::Traffic | Step::NeedInput => {
                     // Our flight must reach the client before we wait for its answer.
                     ready!(self.outgoing.poll_send(cx, &mut self.tcp))?;
-                    if ready!(self.incoming.poll_fill(cx, &self.tcp))? == 0 {
+                    if ready!(self.incoming.poll_fill(cx, &mut self.tcp))? == 0 {
                         return Poll::Ready(Err(eof("the client closed during the TLS handshake")));
                     }
                 }
@@ -284,7 +284,7 @@ impl AsyncRead for LeanTlsStream {
             // for write readiness: a writer on another task (`tokio::io::split`) waits for
             // that, and its wakeup must not be taken from it; it or the flush sends the rest.
             this.outgoing.try_send(&this.tcp);
-            if ready!(this.incoming.poll_fill(cx, &this.tcp))? == 0 {
+            if ready!(this.incoming.poll_fill(cx, &mut this.tcp))? == 0 {
                 return Poll::Ready(Err(eof(
                     "the peer closed the connection without sending TLS close_notify",
                 )));
@@ -393,42 +393,42 @@ impl Incoming {
 
     /// Reads what the socket has, taking a buffer only once it is readable. `Ready(Ok(0))`
     /// is the peer's EOF.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, tcp: &TcpStream) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(tcp.poll_read_ready(cx))?;
-            let buf = self.buf.get_or_insert_with(|| PooledBuf::take(Size::Tls));
-            if self.end == buf.len() {
-                if self.start > 0 {
-                    buf.copy_within(self.start..self.end, 0);
-                    self.end -= self.start;
-                    self.start = 0;
-                } else if buf.len() < MAX_INCOMING {
-                    buf.grow((buf.len() * 2).min(MAX_INCOMING));
-                } else {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "TLS handshake message too large",
-                    )));
-                }
-            }
-            let read = match buf.get_mut(self.end..) {
-                Some(room) => tcp.try_read(room),
-                None => Ok(0),
-            };
-            match read {
-                Ok(n) => {
-                    self.end += n;
-                    self.discard(0);
-                    return Poll::Ready(Ok(n));
-                }
-                // Readiness was stale: the next poll waits for the socket again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.discard(0),
-                Err(e) => {
-                    self.discard(0);
-                    return Poll::Ready(Err(e));
-                }
+    /// The read goes through tokio's `poll_read`: a read that does not fill the room tells
+    /// tokio the socket is drained, so the next read waits for readiness instead of trying
+    /// (and failing with `EAGAIN`) first.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, tcp: &mut TcpStream) -> Poll<io::Result<usize>> {
+        ready!(tcp.poll_read_ready(cx))?;
+        let buf = self.buf.get_or_insert_with(|| PooledBuf::take(Size::Tls));
+        if self.end == buf.len() {
+            if self.start > 0 {
+                buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else if buf.len() < MAX_INCOMING {
+                buf.grow((buf.len() * 2).min(MAX_INCOMING));
+            } else {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS handshake message too large",
+                )));
             }
         }
+        let read = match buf.get_mut(self.end..) {
+            Some(room) => {
+                let mut room = ReadBuf::new(room);
+                Pin::new(&mut *tcp)
+                    .poll_read(cx, &mut room)
+                    .map_ok(|()| room.filled().len())
+            }
+            None => Poll::Ready(Ok(0)),
+        };
+        if let Poll::Ready(Ok(n)) = read {
+            self.end += n;
+        }
+        // Readiness was stale (`Pending`: tokio waits for the socket again) or the read
+        // failed: the buffer goes back unless bytes wait in it.
+        self.discard(0);
+        read
     }
 }
 
