@@ -173,9 +173,11 @@ print("copy visible:", result(lambda: m.copy("1", "Work.Projects")))
 print("create visible:", result(lambda: m.create("Work.New")))
 print("catenate:", result(lambda: m._simple_command("APPEND", "Work", "CATENATE", '(URL "/Private/;UID=1")')))
 print("compress:", result(lambda: m._simple_command("COMPRESS", "DEFLATE")))
+print("caps again:", first(m.capability()[1]))
 m.logout()
 
 d = direct("grace@example.com")
+print("direct caps:", first(d.capability()[1]))
 print("direct list:", " ".join(names(d)))
 print("direct private:", first(d.status("Private", "(MESSAGES)")[1]))
 print("direct archive:", first(d.status("Archive", "(MESSAGES)")[1]))
@@ -237,6 +239,12 @@ m.logout()
         line(&out, "compress"),
         "NO [CANNOT] COMPRESS is not available on this connection"
     );
+    // Asked again after login, the capabilities leave out what the filter refuses; Dovecot
+    // itself offers it.
+    let has = |key: &str, cap: &str| line(&out, key).split(' ').any(|c| c == cap);
+    assert!(has("direct caps", "CATENATE"), "{out}");
+    assert!(!has("caps again", "CATENATE"), "{out}");
+    assert!(has("caps again", "IMAP4rev1"), "{out}");
     // Dovecot's own view: nothing happened to the hidden folders, the visible copy landed.
     let direct = line(&out, "direct list");
     for name in [

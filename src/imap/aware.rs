@@ -167,6 +167,9 @@ enum Look {
     Own,
     /// The tagged reply of a STORE that added `\Deleted`.
     Store,
+    /// `* CAPABILITY ...` or `* OK [CAPABILITY ...]` after login (a client may ask again):
+    /// what an aware session does not offer comes out, as from the login reply.
+    Capability,
 }
 
 /// One session's filter.
@@ -655,6 +658,9 @@ impl Aware {
         if head.first() == Some(&b'+') {
             return (!self.owed_plus.is_empty()).then_some(Look::OwedPlus);
         }
+        if starts_ci(head, b"* CAPABILITY ") || starts_ci(head, b"* OK [CAPABILITY ") {
+            return Some(Look::Capability);
+        }
         let tag = response_tag(head)?;
         if self.own_tags.iter().any(|t| t.as_slice() == tag) {
             return Some(Look::Own);
@@ -714,6 +720,14 @@ impl Aware {
                 self.to_client.extend_from_slice(&response);
                 self.store_answered(&response);
             }
+            Look::Capability => {
+                let stripped = if starts_ci(&response, b"* CAPABILITY ") {
+                    strip_capability_response(&response)
+                } else {
+                    Aware::strip_capabilities(&response)
+                };
+                self.to_client.extend_from_slice(&stripped);
+            }
         }
     }
 
@@ -724,7 +738,9 @@ impl Aware {
         keep_tail(&mut self.down_tail, &buf);
         self.down = match look {
             Look::List | Look::Status | Look::Own | Look::OwedPlus => Down::DropLine,
-            Look::Store => {
+            // An overlong capability list goes on as it is: COMPRESS and the URL commands
+            // are refused when asked for anyway.
+            Look::Store | Look::Capability => {
                 self.to_client.extend_from_slice(&buf);
                 Down::PassLine
             }
@@ -737,7 +753,7 @@ impl Aware {
             Look::List | Look::Status | Look::Own | Look::OwedPlus => {
                 Down::DropLiteral { remaining: size }
             }
-            Look::Store => {
+            Look::Store | Look::Capability => {
                 self.to_client.extend_from_slice(&buf);
                 Down::PassLiteral { remaining: size }
             }
@@ -1012,6 +1028,28 @@ fn line_is(line: &[u8], word: &[u8]) -> bool {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     line.eq_ignore_ascii_case(word)
+}
+
+/// `* CAPABILITY a b c\r\n` without what an aware session does not offer.
+fn strip_capability_response(line: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len());
+    for (i, word) in line.split(|&b| b == b' ').enumerate() {
+        let core_len = word
+            .iter()
+            .position(|&b| b == b'\r' || b == b'\n')
+            .unwrap_or(word.len());
+        let (core, suffix) = word.split_at(core_len);
+        // Words 0 and 1 are `*` and `CAPABILITY`.
+        if i >= 2 && unoffered(core) {
+            out.extend_from_slice(suffix);
+            continue;
+        }
+        if i > 0 {
+            out.push(b' ');
+        }
+        out.extend_from_slice(word);
+    }
+    out
 }
 
 /// Capabilities an aware session does not offer.
@@ -1520,6 +1558,25 @@ mod tests {
             b"f1 BAD [TOOBIG] Command too long\r\n".to_vec()
         );
         assert_eq!(f.take_for_backend(), b"f2 NOOP\r\n".to_vec());
+    }
+
+    #[test]
+    fn capabilities_asked_again_after_login_leave_out_what_is_not_offered() {
+        let out = backend_all_splits(
+            filter,
+            b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE MOVE CATENATE URLAUTH\r\n\
+              * OK [CAPABILITY IMAP4rev1 MOVE COMPRESS=DEFLATE] Still here\r\n\
+              c1 OK Capability completed\r\n\
+              * CAPABILITY IMAP4rev1 COMPRESS=DEFLATE\r\n",
+        );
+        assert_eq!(
+            out,
+            b"* CAPABILITY IMAP4rev1 MOVE\r\n\
+              * OK [CAPABILITY IMAP4rev1 MOVE] Still here\r\n\
+              c1 OK Capability completed\r\n\
+              * CAPABILITY IMAP4rev1\r\n"
+                .to_vec()
+        );
     }
 
     #[test]
