@@ -42,9 +42,11 @@ pub struct LoggedIn {
     pub client: ClientStream,
     pub grant: Grant,
     pub backend: BackendStream,
-    /// The client's answer (IMAP's tagged OK with the backend's capabilities, SMTP's 235),
-    /// followed by anything the backend sent past its own login reply.
+    /// The client's answer (IMAP's tagged OK with the backend's capabilities, SMTP's 235).
     pub reply: Vec<u8>,
+    /// What the backend sent past its own login reply, in the same read: the client's next,
+    /// through the aware filter where there is one.
+    pub leftover: Vec<u8>,
     /// What the client sent after its login, for the backend.
     pub pipelined: BytesMut,
 }
@@ -148,18 +150,27 @@ async fn hand_over(
         grant,
         mut backend,
         reply,
+        leftover,
         pipelined,
     } = session;
     log.user = Some(grant.route.address.clone());
     log.pool = Some(grant.route.pool.name.clone());
     // Rules 5-6 need the IMAP-aware relay; it takes what the client pipelined through its
     // filter, and the client is not offered COMPRESS (the filter must read the stream).
-    let aware = (protocol == Protocol::Imap && grant.account.needs_imap_filter()).then(|| {
+    let mut aware = (protocol == Protocol::Imap && grant.account.needs_imap_filter()).then(|| {
         crate::imap::aware::Aware::new(crate::imap::aware::Rules::of(&grant.account), &reply)
     });
-    let reply = match aware {
-        Some(_) => crate::imap::aware::Aware::strip_capabilities(&reply),
-        None => reply,
+    let reply = match aware.as_mut() {
+        Some(filter) => {
+            // The filter's first output for the client, written by the relay.
+            filter.backend_bytes(&leftover);
+            crate::imap::aware::Aware::strip_capabilities(&reply)
+        }
+        None => {
+            let mut reply = reply;
+            reply.extend_from_slice(&leftover);
+            reply
+        }
     };
     if write(&mut client, &reply).await.is_err() {
         log.end = "client_gone";

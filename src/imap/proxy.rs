@@ -95,14 +95,13 @@ impl Driver for Imap {
                             log.backend = Some(address);
                             let name = Some(credentials.username.as_str());
                             conn.record_login(log, name, LoginResult::Ok);
-                            let mut reply =
-                                reply::logged_in(&credentials.tag, &backend.capabilities);
-                            reply.extend_from_slice(&backend.leftover);
+                            let reply = reply::logged_in(&credentials.tag, &backend.capabilities);
                             return PreauthEnd::LoggedIn(Box::new(LoggedIn {
                                 client: stream.into(),
                                 grant,
                                 backend: backend.stream,
                                 reply,
+                                leftover: backend.leftover.to_vec(),
                                 pipelined: session.into_pipelined(),
                             }));
                         }

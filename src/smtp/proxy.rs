@@ -106,13 +106,13 @@ impl Driver for Smtp {
                             let name = Some(credentials.username.as_str());
                             conn.record_login(log, name, LoginResult::Ok);
                             log.backend = Some(address);
-                            let mut reply = login_reply(LoginResult::Ok, &context.config.messages);
-                            reply.extend_from_slice(&backend.leftover);
+                            let reply = login_reply(LoginResult::Ok, &context.config.messages);
                             return PreauthEnd::LoggedIn(Box::new(LoggedIn {
                                 client: stream.into(),
                                 grant,
                                 backend: backend.stream,
                                 reply,
+                                leftover: backend.leftover.to_vec(),
                                 pipelined: session.into_pipelined(),
                             }));
                         }
