@@ -156,7 +156,9 @@ mod order {
                 .map(|i| Backend::new(format!("10.0.{}.{}:143", i / 250, i % 250 + 1)))
                 .collect(),
             smtp: Vec::new(),
-            transport: mailgate::backend::Transport::Plain,
+            transport: mailgate::backend::Transport::plain(
+                mailgate::resolver::Resolver::system().expect("resolver"),
+            ),
             imap_login: ImapLogin::Passthrough,
             smtp_login: SmtpLogin::Xclient,
             connect_timeout: Duration::from_secs(2),

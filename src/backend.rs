@@ -2,7 +2,8 @@
 //! the error that says whether the next backend in the user's order may serve.
 //!
 //! A pool reaches its backends in plaintext, with STARTTLS, or with implicit TLS
-//! ([`Transport`]). TLS to a backend always verifies its certificate against the host part of
+//! ([`Transport`]), by IP address or by host name (resolved by [`Resolver`], which caches
+//! answers for their TTL and keeps the last good one through a DNS outage). TLS to a backend always verifies its certificate against the host part of
 //! the backend's address (DNS name or IP address), with the pool's `backend_ca` bundle or the
 //! system's trust store; there is no way to turn verification off.
 
@@ -22,6 +23,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{BackendTls, HostPort, Protocol};
 use crate::metrics::Metrics;
+use crate::resolver::Resolver;
 use crate::routing::Pool;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,23 +48,55 @@ impl BackendError {
     }
 }
 
-/// Connects with a deadline and `TCP_NODELAY` (login exchanges are small round trips).
+/// Resolves `address` (IP literals at once, host names from the resolver's TTL cache or DNS),
+/// then connects to its addresses in order, as `TcpStream::connect` does, with `TCP_NODELAY`
+/// (login exchanges are small round trips). `timeout` bounds the whole step, DNS included.
 ///
 /// # Errors
-/// `Unreachable` on refusal, DNS failure or timeout.
-async fn connect_tcp(address: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+/// `Unreachable` on DNS failure, refusal or timeout.
+async fn connect_tcp(
+    resolver: &Resolver,
+    address: &str,
+    timeout: Duration,
+) -> Result<TcpStream, BackendError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let addrs = tokio::time::timeout_at(deadline, resolver.resolve(address))
         .await
-        .map_err(|_| BackendError::Unreachable(format!("{address}: connect timed out")))?
-        .map_err(|e| BackendError::Unreachable(format!("{address}: {e}")))?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+        .map_err(|_| BackendError::Unreachable(format!("{address}: name resolution timed out")))?
+        .map_err(|e| BackendError::Unreachable(e.to_string()))?;
+    let mut last = None;
+    for addr in addrs {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                return Err(BackendError::Unreachable(format!(
+                    "{address}: connect timed out"
+                )))
+            }
+        }
+    }
+    Err(BackendError::Unreachable(match last {
+        Some(e) => format!("{address}: {e}"),
+        None => format!("{address}: no addresses"),
+    }))
 }
 
-/// How a pool reaches its backends. The TLS variants carry the pool's connector: its client
-/// config (roots, session cache for resumption) is built once, when the pool is.
+/// How a pool reaches its backends: the resolver for their host names (shared by every pool,
+/// so each name has one cache), and plaintext or TLS.
+#[derive(Clone, Debug)]
+pub struct Transport {
+    resolver: Resolver,
+    tls: Tls,
+}
+
+/// The TLS variants carry the pool's connector: its client config (roots, session cache for
+/// resumption) is built once, when the pool is.
 #[derive(Clone)]
-pub enum Transport {
+enum Tls {
     Plain,
     /// Plaintext greeting, then the protocol's STARTTLS and a handshake before anything else.
     Starttls(TlsConnector),
@@ -70,12 +104,12 @@ pub enum Transport {
     Implicit(TlsConnector),
 }
 
-impl std::fmt::Debug for Transport {
+impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Transport::Plain => "Plain",
-            Transport::Starttls(_) => "Starttls",
-            Transport::Implicit(_) => "Implicit",
+            Tls::Plain => "Plain",
+            Tls::Starttls(_) => "Starttls",
+            Tls::Implicit(_) => "Implicit",
         })
     }
 }
@@ -100,43 +134,60 @@ impl Transport {
     ///
     /// # Errors
     /// The bundle cannot be loaded, or there are no system roots to trust.
-    pub fn new(mode: BackendTls, ca: Option<&Path>) -> Result<Transport, TransportError> {
+    pub fn new(
+        mode: BackendTls,
+        ca: Option<&Path>,
+        resolver: Resolver,
+    ) -> Result<Transport, TransportError> {
         if mode == BackendTls::None {
-            return Ok(Transport::Plain);
+            return Ok(Transport::plain(resolver));
         }
         let roots = match ca {
             Some(path) => crate::config::load_ca_bundle(path).map_err(TransportError::Ca)?,
             None => system_roots()?,
         };
-        Ok(Transport::with_roots(mode, roots)?)
+        Ok(Transport::with_roots(mode, roots, resolver)?)
+    }
+
+    /// Plaintext to the backends.
+    pub fn plain(resolver: Resolver) -> Transport {
+        Transport {
+            resolver,
+            tls: Tls::Plain,
+        }
     }
 
     /// The transport for `mode`, trusting exactly `roots`.
     ///
     /// # Errors
     /// rustls refuses the config (it does not with its own defaults).
-    pub fn with_roots(mode: BackendTls, roots: RootCertStore) -> Result<Transport, rustls::Error> {
+    pub fn with_roots(
+        mode: BackendTls,
+        roots: RootCertStore,
+        resolver: Resolver,
+    ) -> Result<Transport, rustls::Error> {
         let connector = || -> Result<TlsConnector, rustls::Error> {
             Ok(TlsConnector::from(Arc::new(client_config(roots)?)))
         };
-        Ok(match mode {
-            BackendTls::None => Transport::Plain,
-            BackendTls::Starttls => Transport::Starttls(connector()?),
-            BackendTls::Implicit => Transport::Implicit(connector()?),
-        })
+        let tls = match mode {
+            BackendTls::None => Tls::Plain,
+            BackendTls::Starttls => Tls::Starttls(connector()?),
+            BackendTls::Implicit => Tls::Implicit(connector()?),
+        };
+        Ok(Transport { resolver, tls })
     }
 
     /// The `backend_tls` mode this transport implements.
     pub fn mode(&self) -> BackendTls {
-        match self {
-            Transport::Plain => BackendTls::None,
-            Transport::Starttls(_) => BackendTls::Starttls,
-            Transport::Implicit(_) => BackendTls::Implicit,
+        match self.tls {
+            Tls::Plain => BackendTls::None,
+            Tls::Starttls(_) => BackendTls::Starttls,
+            Tls::Implicit(_) => BackendTls::Implicit,
         }
     }
 
-    /// Connects to `address`; with implicit TLS, also completes the handshake. Each step has
-    /// `timeout`.
+    /// Resolves `address` and connects to it; with implicit TLS, also completes the
+    /// handshake. Each step has `timeout` (resolving and connecting share one).
     ///
     /// # Errors
     /// `Unreachable` when the connection or the handshake fails (a certificate the pool does
@@ -146,10 +197,10 @@ impl Transport {
         address: &str,
         timeout: Duration,
     ) -> Result<BackendStream, BackendError> {
-        let tcp = connect_tcp(address, timeout).await?;
-        match self {
-            Transport::Implicit(connector) => handshake(connector, tcp, address, timeout).await,
-            Transport::Plain | Transport::Starttls(_) => Ok(BackendStream::Plain(tcp)),
+        let tcp = connect_tcp(&self.resolver, address, timeout).await?;
+        match &self.tls {
+            Tls::Implicit(connector) => handshake(connector, tcp, address, timeout).await,
+            Tls::Plain | Tls::Starttls(_) => Ok(BackendStream::Plain(tcp)),
         }
     }
 
@@ -165,8 +216,8 @@ impl Transport {
         address: &str,
         timeout: Duration,
     ) -> Result<BackendStream, BackendError> {
-        match self {
-            Transport::Starttls(connector) => handshake(connector, tcp, address, timeout).await,
+        match &self.tls {
+            Tls::Starttls(connector) => handshake(connector, tcp, address, timeout).await,
             other => Err(BackendError::Failed(format!(
                 "STARTTLS with a {other:?} transport"
             ))),
@@ -442,7 +493,9 @@ mod tests {
     async fn implicit_tls_verifies_the_chain_and_the_address_name() {
         let pki = Pki::new("mailgate test CA");
         let t = Duration::from_secs(5);
-        let trusted = Transport::with_roots(BackendTls::Implicit, pki.roots()).expect("transport");
+        let resolver = Resolver::system().expect("resolver");
+        let trusted =
+            Transport::with_roots(BackendTls::Implicit, pki.roots(), resolver).expect("transport");
 
         // Signed by the pool's CA, for the address's IP: the bytes come through TLS.
         let address = tls_server(pki.acceptor(&["127.0.0.1", "localhost"])).await;
@@ -476,11 +529,41 @@ mod tests {
         );
     }
 
+    /// The connect timeout bounds the whole step: a name server that never answers makes the
+    /// backend unreachable within it, and the error names the address.
+    #[tokio::test]
+    async fn a_silent_name_server_cannot_hold_a_connect_past_its_timeout() {
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dns = silent.local_addr().expect("addr");
+        let resolver = Resolver::with_nameservers(vec![dns]).expect("resolver");
+        let transport = Transport::plain(resolver);
+        let started = std::time::Instant::now();
+        let refused = transport
+            .connect("imap1.example.com:143", Duration::from_millis(300))
+            .await;
+        assert!(
+            matches!(&refused, Err(BackendError::Unreachable(e)) if e == "imap1.example.com:143: name resolution timed out"),
+            "{refused:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     #[test]
     fn a_plain_transport_needs_no_roots() {
-        let plain = Transport::new(BackendTls::None, None).expect("plain");
+        let resolver = Resolver::system().expect("resolver");
+        let plain = Transport::new(BackendTls::None, None, resolver.clone()).expect("plain");
         assert_eq!(plain.mode(), BackendTls::None);
-        let missing = Transport::new(BackendTls::Starttls, Some(Path::new("/nonexistent/ca.pem")));
+        let missing = Transport::new(
+            BackendTls::Starttls,
+            Some(Path::new("/nonexistent/ca.pem")),
+            resolver,
+        );
         assert!(matches!(missing, Err(TransportError::Ca(_))), "{missing:?}");
     }
 }

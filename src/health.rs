@@ -443,7 +443,7 @@ mod tests {
             }
         });
         let t = Duration::from_secs(2);
-        let plain = Transport::Plain;
+        let plain = Transport::plain(crate::resolver::Resolver::system().expect("resolver"));
         assert_eq!(probe(&addr, Protocol::Imap, &plain, t).await, Ok(()));
         assert_eq!(probe(&addr, Protocol::Smtp, &plain, t).await, Ok(()));
         let bye = probe(&addr, Protocol::Imap, &plain, t).await;

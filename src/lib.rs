@@ -16,7 +16,8 @@
 //!   the pre-auth deadline and drain, the hand-over to the splice).
 //! - `imap/`, `smtp/`: per protocol, the pure session, the reply mapping, the backend login
 //!   and the pre-auth driver (`proxy`: the session loop, authorize, backend login).
-//! - `backend`: the backend connection (plain or TLS) and the try-the-next-backend loop.
+//! - `backend`: the backend connection (plain or TLS) and the try-the-next-backend loop;
+//!   `resolver`: backend host names to addresses (hickory, TTL cache, serve-stale).
 //! - `accounts/`: account data, password verification and its cache; `policy`: the rules.
 //! - `login`: the outcome words and the authorize step both protocols share.
 //! - `routing`: login → pool → backend order (rendezvous hashing).
@@ -42,6 +43,7 @@ mod prop_support;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod reload;
+pub mod resolver;
 pub mod routing;
 pub mod server;
 pub mod shutdown;

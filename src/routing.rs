@@ -15,6 +15,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use crate::backend::Transport;
 use crate::config::{Config, LoginConfig, Protocol, Secret, SmtpLogin};
 use crate::health::{BackendHealth, Thresholds};
+use crate::resolver::{Resolver, SetupError};
 
 /// One backend server, as configured (`host:port`).
 #[derive(Debug, Clone)]
@@ -127,16 +128,21 @@ pub enum RouterError {
     Pool { pool: String, message: String },
     #[error("routing: pool `{0}` is not defined")]
     UnknownPool(String),
+    #[error(transparent)]
+    Resolver(#[from] SetupError),
 }
 
 impl Router {
     /// Builds the router from a validated config; `master_password` reads a pool's master
-    /// password (inline or from its file). Each TLS pool gets its TLS client here, once.
+    /// password (inline or from its file). Each TLS pool gets its TLS client here, once, and
+    /// every pool the one resolver for backend host names (one cache per name, not per pool).
     ///
     /// # Errors
     /// A pool named in routing that does not exist, a master password that cannot be read, or
-    /// a pool's CA bundle (or the system's trust store) that cannot be loaded.
+    /// a pool's CA bundle (or the system's trust store) that cannot be loaded, or a DNS
+    /// resolver hickory refuses to build.
     pub fn from_config(config: &Config) -> Result<Router, RouterError> {
+        let resolver = Resolver::system()?;
         let mut pools = BTreeMap::new();
         for (name, pool) in &config.pools {
             let thresholds = Thresholds::from(&pool.health);
@@ -175,13 +181,15 @@ impl Router {
                     }
                 }
             };
-            let transport =
-                Transport::new(pool.backend_tls, pool.backend_ca.as_deref()).map_err(|e| {
-                    RouterError::Pool {
-                        pool: name.clone(),
-                        message: e.to_string(),
-                    }
-                })?;
+            let transport = Transport::new(
+                pool.backend_tls,
+                pool.backend_ca.as_deref(),
+                resolver.clone(),
+            )
+            .map_err(|e| RouterError::Pool {
+                pool: name.clone(),
+                message: e.to_string(),
+            })?;
             pools.insert(
                 name.clone(),
                 Arc::new(Pool {
@@ -326,7 +334,7 @@ pools:
             name: "p".into(),
             imap: backends.iter().map(|b| Backend::new(*b)).collect(),
             smtp: Vec::new(),
-            transport: Transport::Plain,
+            transport: Transport::plain(Resolver::system().expect("resolver")),
             imap_login: ImapLogin::Passthrough,
             smtp_login: SmtpLogin::Xclient,
             connect_timeout: Duration::from_secs(1),

@@ -459,6 +459,40 @@ m.logout()
     assert!(session.contains("result=ok"), "{session}");
 }
 
+/// A pool backend written `localhost:PORT` (as operators write host names): mailgate resolves
+/// it itself (hickory, `/etc/hosts`, no DNS server needed) and the login reaches Dovecot.
+#[test]
+fn a_backend_named_by_host_name_serves_logins() {
+    let setup = Setup::with(|mut opts| {
+        opts.imap = opts.imap.host("localhost");
+        opts
+    });
+    let out = setup.python(
+        r#"
+m, result = try_login(PORT, "alice", "alice-pass")
+print("login:", result)
+m.select("INBOX")
+typ, data = m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+print("subject:", data[0][1].decode().strip())
+m.logout()
+"#,
+    );
+    assert!(out.contains("login: OK [CAPABILITY IMAP4rev1"), "{out}");
+    assert!(
+        out.contains("subject: Subject: welcome from pool imap\n"),
+        "{out}"
+    );
+    let backend = format!("backend=localhost:{}", setup.consumer.imap_addr().port());
+    let log = setup
+        .mailgate
+        .wait_for_log(&backend, Duration::from_secs(10));
+    let session = log
+        .lines()
+        .find(|l| l.contains(&backend) && l.contains("result="))
+        .unwrap_or_default();
+    assert!(session.contains("result=ok"), "{log}");
+}
+
 /// A port nothing listens on.
 fn dead_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -482,7 +516,9 @@ fn an_unreachable_backend_makes_the_login_try_the_next_in_the_users_order() {
                 mailgate::routing::Backend::new(live.clone()),
             ],
             smtp: Vec::new(),
-            transport: mailgate::backend::Transport::Plain,
+            transport: mailgate::backend::Transport::plain(
+                mailgate::resolver::Resolver::system().expect("resolver"),
+            ),
             imap_login: mailgate::routing::ImapLogin::Passthrough,
             smtp_login: mailgate::config::SmtpLogin::Xclient,
             connect_timeout: Duration::from_secs(1),

@@ -19,6 +19,7 @@ use zeroize::Zeroize;
 
 pub use crate::backend::BackendError;
 use crate::backend::{BackendStream, Transport};
+use crate::config::BackendTls;
 use crate::routing::ImapLogin;
 
 /// Longest backend response mailgate reads during login (lines plus literals).
@@ -137,9 +138,9 @@ impl Conn {
             } => return Err(BackendError::Failed("greeted with PREAUTH: refused".into())),
             _ => return Err(BackendError::Failed("unexpected greeting".into())),
         };
-        match transport {
-            Transport::Starttls(_) => Ok((self.starttls(address, transport, timeout).await?, None)),
-            Transport::Plain | Transport::Implicit(_) => Ok((self, capabilities)),
+        match transport.mode() {
+            BackendTls::Starttls => Ok((self.starttls(address, transport, timeout).await?, None)),
+            BackendTls::None | BackendTls::Implicit => Ok((self, capabilities)),
         }
     }
 
@@ -537,6 +538,10 @@ mod tests {
     use super::login as login_to;
     use super::*;
 
+    fn resolver() -> crate::resolver::Resolver {
+        crate::resolver::Resolver::system().expect("resolver")
+    }
+
     #[test]
     fn parses_login_phase_responses() {
         assert_eq!(parse(b"+ \r\n"), Response::Continue);
@@ -609,11 +614,10 @@ mod tests {
         use tokio::io::{AsyncBufReadExt, BufReader};
 
         use crate::backend::test_pki::{read_line, Pki};
-        use crate::config::BackendTls;
 
         let pki = Pki::new("mailgate test CA");
-        let transport =
-            Transport::with_roots(BackendTls::Starttls, pki.roots()).expect("transport");
+        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), resolver())
+            .expect("transport");
         let forged: &[u8] = b"* CAPABILITY IMAP4rev1 SASL-IR FORGED\r\nmg2 OK done\r\n\
                               mg3 OK [CAPABILITY IMAP4rev1 FORGED] Logged in\r\n";
         for injected in [&b"* OK injected\r\n"[..], forged] {
@@ -678,11 +682,10 @@ mod tests {
     #[tokio::test]
     async fn a_refused_starttls_is_not_a_plaintext_login() {
         use crate::backend::test_pki::{read_line, Pki};
-        use crate::config::BackendTls;
 
         let pki = Pki::new("mailgate test CA");
-        let transport =
-            Transport::with_roots(BackendTls::Starttls, pki.roots()).expect("transport");
+        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), resolver())
+            .expect("transport");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

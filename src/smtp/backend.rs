@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt;
 
 pub use crate::backend::BackendError;
 use crate::backend::{BackendStream, Transport};
-use crate::config::{Secret, SmtpLogin};
+use crate::config::{BackendTls, Secret, SmtpLogin};
 
 /// Longest reply line read from a backend (RFC 5321 says 512; be generous).
 const MAX_LINE: usize = 4096;
@@ -134,9 +134,9 @@ impl Conn {
     ) -> Result<(Conn, Vec<String>), BackendError> {
         self.greeting().await?;
         let extensions = self.ehlo(hostname).await?;
-        match transport {
-            Transport::Plain | Transport::Implicit(_) => Ok((self, extensions)),
-            Transport::Starttls(_) => {
+        match transport.mode() {
+            BackendTls::None | BackendTls::Implicit => Ok((self, extensions)),
+            BackendTls::Starttls => {
                 if !extensions.iter().any(|e| keyword(e) == "STARTTLS") {
                     return Err(BackendError::Unreachable(format!(
                         "{address}: does not offer STARTTLS"
@@ -616,7 +616,13 @@ mod login_tests {
         (address, task)
     }
 
-    static PLAIN: Transport = Transport::Plain;
+    /// The addresses in these tests are IP literals: the resolver is never asked.
+    static PLAIN: std::sync::LazyLock<Transport> =
+        std::sync::LazyLock::new(|| Transport::plain(resolver()));
+
+    fn resolver() -> crate::resolver::Resolver {
+        crate::resolver::Resolver::system().expect("resolver")
+    }
 
     fn request<'a>(mode: SmtpLogin, master: Option<(&'a str, &'a Secret)>) -> LoginRequest<'a> {
         LoginRequest {
@@ -854,11 +860,10 @@ mod login_tests {
         use tokio::io::AsyncReadExt;
 
         use crate::backend::test_pki::{read_line, Pki};
-        use crate::config::BackendTls;
 
         let pki = Pki::new("mailgate test CA");
-        let transport =
-            Transport::with_roots(BackendTls::Starttls, pki.roots()).expect("transport");
+        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), resolver())
+            .expect("transport");
         let forged: &str = "250-forged\r\n250 XCLIENT ADDR LOGIN\r\n220 forged\r\n250 forged\r\n";
         for injected in ["250 injected\r\n", forged] {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -926,11 +931,10 @@ mod login_tests {
     #[tokio::test]
     async fn a_backend_without_starttls_is_not_used_in_plaintext() {
         use crate::backend::test_pki::Pki;
-        use crate::config::BackendTls;
 
         let pki = Pki::new("mailgate test CA");
-        let transport =
-            Transport::with_roots(BackendTls::Starttls, pki.roots()).expect("transport");
+        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), resolver())
+            .expect("transport");
         let (address, seen) = backend(vec![EHLO_XCLIENT]).await;
         let mut request = request(SmtpLogin::Xclient, None);
         request.transport = &transport;
