@@ -3,9 +3,10 @@
 //!
 //! A pool reaches its backends in plaintext, with STARTTLS, or with implicit TLS
 //! ([`Transport`]), by IP address or by host name (resolved by [`Resolver`], which caches
-//! answers for their TTL and keeps the last good one through a DNS outage). TLS to a backend always verifies its certificate against the host part of
-//! the backend's address (DNS name or IP address), with the pool's `backend_ca` bundle or the
-//! system's trust store; there is no way to turn verification off.
+//! answers for their TTL and keeps the last good one through a DNS outage). TLS to a backend
+//! always verifies its certificate against the host part of the backend's address (DNS name
+//! or IP address), with the pool's `backend_ca` bundle or the system's trust store; there is
+//! no way to turn verification off.
 
 use std::future::Future;
 use std::io;
