@@ -13,10 +13,11 @@ const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// grace: three folders (and a Cyrillic one) visible, deletes expunge at once. henry: two
-/// folders, deletes only mark. dave: no rules, spliced.
-const USERS: [(&str, &str); 3] = [
+/// folders, deletes only mark. ivy: a folder below a hidden one. dave: no rules, spliced.
+const USERS: [(&str, &str); 4] = [
     ("grace@example.com", "grace-pass"),
     ("henry@example.com", "henry-pass"),
+    ("ivy@example.com", "ivy-pass"),
     ("dave@example.com", "dave-pass"),
 ];
 
@@ -30,7 +31,7 @@ CTX = ssl.create_default_context()
 CTX.check_hostname = False
 CTX.verify_mode = ssl.CERT_NONE
 MG, DOVECOT = int(sys.argv[1]), int(sys.argv[2])
-PASSWORDS = {"grace@example.com": "grace-pass", "henry@example.com": "henry-pass", "dave@example.com": "dave-pass"}
+PASSWORDS = {"grace@example.com": "grace-pass", "henry@example.com": "henry-pass", "ivy@example.com": "ivy-pass", "dave@example.com": "dave-pass"}
 
 def mg(user):
     m = imaplib.IMAP4_SSL("127.0.0.1", MG, ssl_context=CTX, timeout=20)
@@ -96,12 +97,17 @@ users:
     imap: enabled
     imap_folders: [INBOX, Work]
     imap_delete: mark_only
+  ivy@example.com:
+    password: "{}"
+    imap: enabled
+    imap_folders: [INBOX, Work.Projects]
   dave@example.com:
     password: "{}"
     imap: enabled
 "#,
             hash("grace-pass"),
             hash("henry-pass"),
+            hash("ivy-pass"),
             hash("dave-pass")
         );
         let path = accounts.path().join("accounts.yaml");
@@ -272,6 +278,55 @@ m.logout()
     // A user without rules is spliced: everything shows, nothing is refused.
     assert_eq!(line(&out, "dave list"), "INBOX Private");
     assert!(line(&out, "dave select").starts_with("OK"), "{out}");
+}
+
+#[test]
+fn a_hidden_parent_of_a_visible_folder_is_shown_as_noselect() {
+    let setup = Setup::start();
+    let out = setup.python(
+        r#"
+d = direct("ivy@example.com")
+for name in ["Work", "Work.Projects", "Work.Secret", "Private"]:
+    d.create(name)
+d.subscribe("Work")
+d.logout()
+
+def listing(m, pattern):
+    typ, data = m.list('""', pattern)
+    return " | ".join(line.decode() for line in data if line)
+
+m = mg("ivy@example.com")
+print("top:", listing(m, "%"))
+print("below work:", listing(m, "Work.%"))
+print("all:", listing(m, "*"))
+typ, data = m.lsub('""', "*")
+print("lsub:", " | ".join(line.decode() for line in data if line))
+print("select parent:", result(lambda: m.select("Work")))
+print("select child:", result(lambda: m.select("Work.Projects")))
+m.logout()
+"#,
+    );
+    // Level by level, the client reaches Work.Projects through a Work it cannot open;
+    // Work.Secret and Private stay hidden.
+    let entries = |key: &str| {
+        let mut entries: Vec<&str> = line(&out, key).split(" | ").collect();
+        entries.sort_unstable();
+        entries
+    };
+    let parent = r#"(\Noselect \HasChildren) "." Work"#;
+    let child = r#"(\HasNoChildren) "." Work.Projects"#;
+    let inbox = r#"(\HasNoChildren) "." INBOX"#;
+    assert_eq!(entries("top"), [inbox, parent], "{out}");
+    assert_eq!(entries("below work"), [child], "{out}");
+    assert_eq!(entries("all"), [inbox, child, parent], "{out}");
+    // Dovecot's LSUB shows a subscribed folder with no attributes; mailgate adds its own.
+    assert_eq!(entries("lsub"), [parent], "{out}");
+    assert_eq!(
+        line(&out, "select parent"),
+        "NO [NONEXISTENT] No such folder",
+        "{out}"
+    );
+    assert!(line(&out, "select child").starts_with("OK"), "{out}");
 }
 
 #[test]

@@ -698,11 +698,11 @@ impl Aware {
         let response = std::mem::take(&mut self.down_buf);
         self.down = Down::Start;
         match look {
-            Look::List | Look::Status => {
-                if self.listed_visible(&response, look) {
-                    self.to_client.extend_from_slice(&response);
-                }
-            }
+            Look::List | Look::Status => match self.listed(&response, look) {
+                Listed::Shown => self.to_client.extend_from_slice(&response),
+                Listed::Parent(line) => self.to_client.extend_from_slice(&line),
+                Listed::Dropped => {}
+            },
             Look::OwedPlus => {
                 if let Some((_, count)) = self.owed_plus.first_mut() {
                     *count -= 1;
@@ -779,25 +779,38 @@ impl Aware {
         rest
     }
 
-    /// Whether a `* LIST` / `* LSUB` / `* STATUS` response names a visible folder; a LIST also
+    /// What the client sees of a `* LIST` / `* LSUB` / `* STATUS` response; a LIST also
     /// teaches the delimiter.
-    fn listed_visible(&mut self, response: &[u8], look: Look) -> bool {
+    fn listed(&mut self, response: &[u8], look: Look) -> Listed {
         let mut c = Cursor::new(response);
         let _star = c.token();
         let _name = c.token();
+        let mut flags = None;
         if look == Look::List {
-            let _flags = c.token();
+            let start = c.pos;
+            if let Ok(Token::List) = c.token() {
+                flags = Some(start..c.pos);
+            }
             match c.token() {
                 Ok(Token::Str(d)) if d.len() == 1 => self.delimiter = d.first().copied(),
                 Ok(_) => {}
                 // Unreadable: not shown.
-                Err(_) => return false,
+                Err(_) => return Listed::Dropped,
             }
         }
-        match c.token() {
-            Ok(Token::Atom(name)) => self.visible(name),
-            Ok(Token::Str(name)) => self.visible(&name),
-            _ => false,
+        let name = match c.token() {
+            Ok(Token::Atom(name)) => name.to_vec(),
+            Ok(Token::Str(name)) => name,
+            _ => return Listed::Dropped,
+        };
+        if self.visible(&name) {
+            return Listed::Shown;
+        }
+        match flags {
+            Some(flags) if self.parent_of_visible(&name) => {
+                Listed::Parent(as_parent(response, flags))
+            }
+            _ => Listed::Dropped,
         }
     }
 
@@ -853,30 +866,76 @@ impl Aware {
         if name.is_empty() {
             return true;
         }
+        folders
+            .iter()
+            .any(|folder| self.below_or_same(name, folder))
+    }
+
+    /// Whether `name` is hidden itself but holds a visible folder (`Work` when only
+    /// `Work/Projects` is visible): the client is shown it as `\Noselect`, so that a client
+    /// that walks the tree level by level (`LIST "" %`) reaches the visible folder below.
+    fn parent_of_visible(&self, name: &[u8]) -> bool {
+        let Some(folders) = &self.rules.folders else {
+            return false;
+        };
+        !name.is_empty()
+            && folders
+                .iter()
+                .any(|folder| folder.len() > name.len() && self.below_or_same(folder, name))
+    }
+
+    /// Whether folder `name` is `folder` or below it (INBOX in any case).
+    fn below_or_same(&self, name: &[u8], folder: &[u8]) -> bool {
         let delimiters: &[u8] = match &self.delimiter {
             Some(d) => std::slice::from_ref(d),
             None => b"./",
         };
-        folders.iter().any(|folder| {
-            let inbox = folder.eq_ignore_ascii_case(b"INBOX");
-            let Some(head) = name.get(..folder.len()) else {
-                return false;
-            };
-            let same = if inbox {
-                head.eq_ignore_ascii_case(folder)
-            } else {
-                head == folder.as_slice()
-            };
-            if !same {
-                return false;
-            }
-            match name.get(folder.len()..) {
-                Some([]) => true,
-                Some([d, _, ..]) => delimiters.contains(d),
-                _ => false,
-            }
-        })
+        let Some(head) = name.get(..folder.len()) else {
+            return false;
+        };
+        let same = if folder.eq_ignore_ascii_case(b"INBOX") {
+            head.eq_ignore_ascii_case(folder)
+        } else {
+            head == folder
+        };
+        if !same {
+            return false;
+        }
+        match name.get(folder.len()..) {
+            Some([]) => true,
+            Some([d, _, ..]) => delimiters.contains(d),
+            _ => false,
+        }
     }
+}
+
+/// What the client sees of one `* LIST`, `* LSUB` or `* STATUS` response.
+enum Listed {
+    Shown,
+    Dropped,
+    /// A hidden folder above a visible one, with these attributes instead of the backend's.
+    Parent(Vec<u8>),
+}
+
+/// `response` (a `* LIST` or `* LSUB` line) with its attribute list (the bytes at `flags`)
+/// replaced by `(\Noselect \HasChildren)`: the folder cannot be opened through mailgate and
+/// has a visible child. Of the backend's attributes only those about subscription and
+/// existence stay; special-use ones (`\Sent`) and mark state describe a folder the client may
+/// not open.
+fn as_parent(response: &[u8], flags: std::ops::Range<usize>) -> Vec<u8> {
+    const KEPT: [&[u8]; 3] = [b"\\Subscribed", b"\\NonExistent", b"\\Remote"];
+    let old = response.get(flags.clone()).unwrap_or_default();
+    let mut line = response.get(..flags.start).unwrap_or_default().to_vec();
+    line.extend_from_slice(b" (\\Noselect \\HasChildren");
+    for attribute in old.split(|&b| matches!(b, b' ' | b'(' | b')')) {
+        if let Some(kept) = KEPT.iter().find(|k| k.eq_ignore_ascii_case(attribute)) {
+            line.push(b' ');
+            line.extend_from_slice(kept);
+        }
+    }
+    line.push(b')');
+    line.extend_from_slice(response.get(flags.end..).unwrap_or_default());
+    line
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1625,6 +1684,39 @@ h1 OK List completed\r\n";
 * LSUB () \".\" Sent\r\n\
 * STATUS \"Sent\" (MESSAGES 1)\r\n\
 * LIST (\\HasNoChildren) \".\" &BB8EQAQ4BDwENQRA-\r\n\
+h1 OK List completed\r\n";
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(expected)
+        );
+    }
+
+    #[test]
+    fn a_hidden_folder_above_a_visible_one_is_listed_as_noselect() {
+        let make = || {
+            Aware::new(
+                rules(&["INBOX", "Work.Projects", "Archive/2020"], true),
+                CAPS,
+            )
+        };
+        let input: &[u8] = b"* LIST (\\HasChildren) \".\" Work\r\n\
+* LIST (\\HasNoChildren) \".\" Work.Projects\r\n\
+* LIST (\\HasNoChildren) \".\" Work.Secret\r\n\
+* LIST (\\HasNoChildren) \".\" Workshop\r\n\
+* LIST (\\Subscribed \\Marked \\Sent) \".\" {4}\r\nWork\r\n\
+* LSUB () \".\" \"Work\"\r\n\
+* LIST (\\NonExistent \\HasChildren) \".\" Archive\r\n\
+* STATUS Work (MESSAGES 3)\r\n\
+* LIST (\\HasNoChildren) \".\" Work.Projects.Old\r\n\
+h1 OK List completed\r\n";
+        let out = backend_all_splits(make, input);
+        // `Archive/2020` names another delimiter than the backend's `.`: `Archive` is no
+        // parent of it here, and stays hidden.
+        let expected: &[u8] = b"* LIST (\\Noselect \\HasChildren) \".\" Work\r\n\
+* LIST (\\HasNoChildren) \".\" Work.Projects\r\n\
+* LIST (\\Noselect \\HasChildren \\Subscribed) \".\" {4}\r\nWork\r\n\
+* LSUB (\\Noselect \\HasChildren) \".\" \"Work\"\r\n\
+* LIST (\\HasNoChildren) \".\" Work.Projects.Old\r\n\
 h1 OK List completed\r\n";
         assert_eq!(
             String::from_utf8_lossy(&out),
