@@ -136,7 +136,8 @@ fn hash_password() -> ExitCode {
     }
 }
 
-/// `SIGHUP`: account data and certificates again (see `mailgate::reload`); one log line either way.
+/// `SIGHUP`: account data, certificates and the DNS configuration again (see
+/// `mailgate::reload`); one log line either way.
 async fn reload(context: &Arc<mailgate::server::Context>, path: &std::path::Path) {
     let (context, path) = (context.clone(), path.to_path_buf());
     match tokio::task::spawn_blocking(move || mailgate::reload::reload(&context, &path)).await {
@@ -144,7 +145,8 @@ async fn reload(context: &Arc<mailgate::server::Context>, path: &std::path::Path
             users = r.users,
             organisations = r.organisations,
             certificates = r.certificates,
-            "SIGHUP: reloaded account data and certificates (other settings apply at restart)"
+            dns_names = r.dns_names,
+            "SIGHUP: reloaded account data, certificates and DNS configuration (other settings apply at restart)"
         ),
         Ok(Err(e)) => tracing::error!("SIGHUP: reload failed, nothing changed: {e:#}"),
         Err(e) => tracing::error!("SIGHUP: reload failed, nothing changed: {e}"),

@@ -2,8 +2,11 @@
 //! changes a password, adds an app password) and the certificates (a renewal) — without
 //! touching a session. The config file is read and checked again in full; from it the account
 //! file and the certificate files are loaded, and only when everything loaded are both swapped
-//! in, so a reload that fails changes nothing. Other settings (listeners, pools, limits,
-//! messages) take effect at the next start.
+//! in, so a reload that fails changes nothing. Then the backend-name resolver reads
+//! `/etc/hosts` and `/etc/resolv.conf` again and forgets its cached answers; when it cannot,
+//! it keeps what it had, with a warning, and the reload still counts as done: a broken
+//! `/etc/resolv.conf` must not hold back an account change. Other settings (listeners, pools,
+//! limits, messages) take effect at the next start.
 
 use std::path::Path;
 
@@ -20,6 +23,9 @@ pub struct Reloaded {
     pub users: usize,
     pub organisations: usize,
     pub certificates: usize,
+    /// Backend host names whose cached addresses were dropped (`None`: the DNS configuration
+    /// could not be read, and the resolver kept the old one).
+    pub dns_names: Option<usize>,
 }
 
 /// Reloads from the config file at `path` into the running `context`, and counts the result in
@@ -48,17 +54,24 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
         // No listener used TLS at start; one that does now needs a restart anyway.
         None => None,
     };
-    let reloaded = Reloaded {
+    let mut reloaded = Reloaded {
         users: store.len(),
         organisations: store.organisations_len(),
         certificates: certificates
             .as_ref()
             .map_or(0, |(_, set)| set.certificates.len()),
+        dns_names: None,
     };
     context.auth.replace_store(store);
     if let Some((running, set)) = certificates {
         context.metrics.certificates(&set);
         running.resolver.replace(set);
+    }
+    match context.router.resolver().reload() {
+        Ok(names) => reloaded.dns_names = Some(names),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP: the DNS configuration did not reload; backend host names resolve as before")
+        }
     }
     Ok(reloaded)
 }

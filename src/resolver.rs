@@ -20,11 +20,20 @@
 //!   deadline gives up on it does not cancel it, and its answer (or failure) is recorded for the
 //!   next login. While a name with a stale answer is being looked up again, other logins use the
 //!   stale answer at once instead of waiting for DNS too.
+//! - A stale answer is used for at most [`Timing::max_stale`] (a day, RFC 8767's suggested
+//!   floor) past its TTL: an address not confirmed by DNS for that long may belong to another
+//!   machine by now, and a login must not send a master password there.
+//! - [`Resolver::reload`] (`SIGHUP`) reads the configuration again (`/etc/hosts`, whose
+//!   answers hickory keeps for a day, and `/etc/resolv.conf`) and expires every cached answer,
+//!   so an edited `/etc/hosts` takes effect at the next login.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
@@ -78,6 +87,9 @@ struct Timing {
     /// After a failed lookup, how long the stale answer is used without asking DNS again
     /// (RFC 8767's failure recheck timer), so an outage does not cost every login a timeout.
     recheck: Duration,
+    /// How long past its TTL an answer may still be served stale (RFC 8767's maximum stale
+    /// timer); after that the name fails like one that never resolved until DNS answers.
+    max_stale: Duration,
 }
 
 impl Timing {
@@ -87,6 +99,7 @@ impl Timing {
         lookup: Duration::from_secs(5),
         stale_wait: Duration::from_millis(500),
         recheck: Duration::from_secs(30),
+        max_stale: Duration::from_secs(24 * 60 * 60),
     };
 }
 
@@ -97,8 +110,16 @@ pub struct Resolver {
     inner: Arc<Inner>,
 }
 
+/// Where a resolver's configuration comes from; read again at each [`Resolver::reload`].
+type Source = Arc<dyn Fn() -> Result<(ResolverConfig, ResolverOpts), String> + Send + Sync>;
+
 struct Inner {
-    dns: TokioResolver,
+    /// hickory's client; replaced whole by a reload (lookups under way keep the old one).
+    dns: ArcSwap<TokioResolver>,
+    source: Source,
+    /// Counts reloads: an answer looked up under an earlier configuration is handed to the
+    /// login that waits for it but not cached.
+    generation: AtomicU64,
     /// The last good answer per host name, for serve-stale; also what the hot path reads while
     /// the answer is fresh. Holds only names from the config, so it stays small.
     names: Mutex<HashMap<String, Entry>>,
@@ -172,18 +193,19 @@ impl Resolver {
     /// # Errors
     /// hickory refuses the configuration (it does not without DNS-over-TLS features).
     pub fn system() -> Result<Resolver, SetupError> {
-        let (config, mut options) = match hickory_resolver::system_conf::read_system_conf() {
-            Ok(system) => system,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read /etc/resolv.conf; backend host names resolve from /etc/hosts only");
-                (
-                    ResolverConfig::from_name_servers(Vec::new()),
-                    ResolverOpts::default(),
-                )
-            }
-        };
-        options.use_hosts_file = ResolveHosts::Always;
-        Resolver::build(config, options, Timing::DEFAULT)
+        let source: Source = Arc::new(|| {
+            let (config, mut options) = hickory_resolver::system_conf::read_system_conf()
+                .map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?;
+            options.use_hosts_file = ResolveHosts::Always;
+            Ok((config, options))
+        });
+        let (config, options) = source().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "backend host names resolve from /etc/hosts only");
+            let mut options = ResolverOpts::default();
+            options.use_hosts_file = ResolveHosts::Always;
+            (ResolverConfig::from_name_servers(Vec::new()), options)
+        });
+        Resolver::build(source, config, options, Timing::DEFAULT)
     }
 
     /// A resolver that asks exactly `servers` (UDP, then TCP for truncated answers), with no
@@ -192,27 +214,52 @@ impl Resolver {
     /// # Errors
     /// hickory refuses the configuration (it does not without DNS-over-TLS features).
     pub fn with_nameservers(servers: Vec<SocketAddr>) -> Result<Resolver, SetupError> {
-        Resolver::build(nameservers(servers), hermetic_options(), Timing::DEFAULT)
+        let source: Source =
+            Arc::new(move || Ok((nameservers(servers.clone()), hermetic_options())));
+        let (config, options) = source().map_err(SetupError)?;
+        Resolver::build(source, config, options, Timing::DEFAULT)
     }
 
     fn build(
+        source: Source,
         config: ResolverConfig,
-        mut options: ResolverOpts,
+        options: ResolverOpts,
         timing: Timing,
     ) -> Result<Resolver, SetupError> {
-        options.timeout = options.timeout.min(timing.request);
-        options.attempts = options.attempts.min(timing.attempts);
-        let dns = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .with_options(options)
-            .build()
-            .map_err(|e| SetupError(e.to_string()))?;
+        let dns = client(config, options, timing)?;
         Ok(Resolver {
             inner: Arc::new(Inner {
-                dns,
+                dns: ArcSwap::from_pointee(dns),
+                source,
+                generation: AtomicU64::new(0),
                 names: Mutex::new(HashMap::new()),
                 timing,
             }),
         })
+    }
+
+    /// Reads the configuration again (for [`Resolver::system`]: `/etc/hosts` and
+    /// `/etc/resolv.conf`), puts it in place, and expires every cached answer, so each name is
+    /// looked up again under the new configuration at its next login. The old answers stay as
+    /// the serve-stale fallback. Returns how many names were expired. Reads files: call it off
+    /// the async workers.
+    ///
+    /// # Errors
+    /// The configuration cannot be read (an unreadable `/etc/resolv.conf`) or built; the
+    /// resolver is unchanged then.
+    pub fn reload(&self) -> Result<usize, SetupError> {
+        let (config, options) = (self.inner.source)().map_err(SetupError)?;
+        let dns = client(config, options, self.inner.timing)?;
+        let mut names = self.inner.names();
+        self.inner.dns.store(Arc::new(dns));
+        self.inner.generation.fetch_add(1, Ordering::SeqCst);
+        let now = Instant::now();
+        for entry in names.values_mut() {
+            entry.valid_until = entry.valid_until.min(now);
+            entry.refreshing_since = None;
+            entry.failing_until = None;
+        }
+        Ok(names.len())
     }
 
     /// The socket addresses of `address` (`127.0.0.1:143`, `[::1]:143`, `imap1.internal:143`),
@@ -271,6 +318,11 @@ impl Inner {
         if now < entry.valid_until {
             return Cached::Fresh(entry.ips.clone());
         }
+        if now.saturating_duration_since(entry.valid_until) >= self.timing.max_stale {
+            tracing::warn!(host, last = ?entry.ips, max_stale = ?self.timing.max_stale, "the last good addresses of a backend name are too old to use; looking it up as new");
+            names.remove(host);
+            return Cached::Unknown;
+        }
         let in_flight = entry
             .refreshing_since
             .is_some_and(|since| now.saturating_duration_since(since) < self.timing.lookup);
@@ -288,7 +340,9 @@ impl Inner {
     /// One bounded lookup of `host`, recorded in the cache whoever still waits for it.
     async fn lookup(self: Arc<Inner>, host: String) -> Result<Arc<[IpAddr]>, Failure> {
         let bound = self.timing.lookup;
-        let result = match tokio::time::timeout(bound, self.dns.lookup_ip(host.as_str())).await {
+        let generation = self.generation.load(Ordering::SeqCst);
+        let dns = self.dns.load_full();
+        let result = match tokio::time::timeout(bound, dns.lookup_ip(host.as_str())).await {
             Ok(Ok(found)) => {
                 let ips: Arc<[IpAddr]> = found.iter().collect();
                 if ips.is_empty() {
@@ -304,15 +358,20 @@ impl Inner {
             Ok(Err(e)) => Err(Failure::Failed(e.to_string())),
             Err(_) => Err(Failure::Failed(format!("no answer within {bound:?}"))),
         };
-        self.record(&host, result)
+        self.record(&host, generation, result)
     }
 
     fn record(
         &self,
         host: &str,
+        generation: u64,
         result: Result<(Arc<[IpAddr]>, Instant), Failure>,
     ) -> Result<Arc<[IpAddr]>, Failure> {
         let mut names = self.names();
+        // Reloaded while this lookup ran: its answer is of the old configuration.
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return result.map(|(ips, _)| ips);
+        }
         match result {
             Ok((ips, valid_until)) => {
                 let entry = Entry {
@@ -345,6 +404,20 @@ impl Inner {
             }
         }
     }
+}
+
+/// hickory's client for `config`, with its timeouts capped by `timing`.
+fn client(
+    config: ResolverConfig,
+    mut options: ResolverOpts,
+    timing: Timing,
+) -> Result<TokioResolver, SetupError> {
+    options.timeout = options.timeout.min(timing.request);
+    options.attempts = options.attempts.min(timing.attempts);
+    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(options)
+        .build()
+        .map_err(|e| SetupError(e.to_string()))
 }
 
 /// UDP and TCP to each of `servers`, on its own port.
@@ -452,15 +525,31 @@ mod tests {
         /// A resolver that asks only this server, with short timeouts so the failure cases
         /// finish in about a second.
         fn resolver(&self) -> Resolver {
-            let timing = Timing {
-                request: Duration::from_millis(200),
-                attempts: 1,
-                lookup: Duration::from_secs(1),
-                ..Timing::DEFAULT
-            };
-            Resolver::build(nameservers(vec![self.address]), hermetic_options(), timing)
-                .expect("resolver")
+            switchable(self.address, SHORT).0
         }
+    }
+
+    const SHORT: Timing = Timing {
+        request: Duration::from_millis(200),
+        attempts: 1,
+        lookup: Duration::from_secs(1),
+        ..Timing::DEFAULT
+    };
+
+    /// A resolver whose configuration names the name server in the returned cell when it is
+    /// read (at the start and at each reload); `None` in the cell makes reading it fail.
+    fn switchable(first: SocketAddr, timing: Timing) -> (Resolver, Arc<Mutex<Option<SocketAddr>>>) {
+        let cell = Arc::new(Mutex::new(Some(first)));
+        let source: Source = Arc::new({
+            let cell = cell.clone();
+            move || match *cell.lock().expect("cell") {
+                Some(server) => Ok((nameservers(vec![server]), hermetic_options())),
+                None => Err("cannot read the test's configuration".into()),
+            }
+        });
+        let (config, options) = source().expect("configuration");
+        let resolver = Resolver::build(source, config, options, timing).expect("resolver");
+        (resolver, cell)
     }
 
     /// The reply to one query (RFC 1035 §4.1, hand-parsed: header, one question), or `None`
@@ -642,6 +731,83 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stale_answer_is_not_served_past_its_maximum_age() {
+        let server = NameServer::start().await;
+        server.serve("imap1.example.com", [192, 0, 2, 10], 1);
+        let timing = Timing {
+            max_stale: Duration::from_secs(1),
+            ..SHORT
+        };
+        let resolver = switchable(server.address, timing).0;
+        let first = resolver.resolve("imap1.example.com:143").await;
+        assert_eq!(first, Ok(addrs(&["192.0.2.10:143"])));
+        server.silence();
+        // Half a second past the TTL: still served stale.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let stale = resolver.resolve("imap1.example.com:143").await;
+        assert_eq!(stale, Ok(addrs(&["192.0.2.10:143"])));
+        // Past the maximum age: DNS is asked again (although the recheck timer still runs)
+        // and, silent, the name fails like one that never resolved.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let asked = server.queries();
+        let old = resolver.resolve("imap1.example.com:143").await;
+        assert!(
+            matches!(&old, Err(ResolveError::Failed { host, .. }) if host == "imap1.example.com"),
+            "{old:?}"
+        );
+        assert!(server.queries() > asked, "DNS was not asked again");
+    }
+
+    #[tokio::test]
+    async fn a_reload_reads_the_configuration_again_and_expires_every_answer() {
+        let (old, new) = (NameServer::start().await, NameServer::start().await);
+        old.serve("imap1.example.com", [192, 0, 2, 10], 300);
+        new.serve("imap1.example.com", [192, 0, 2, 20], 300);
+        let (resolver, cell) = switchable(old.address, SHORT);
+        let first = resolver.resolve("imap1.example.com:143").await;
+        assert_eq!(first, Ok(addrs(&["192.0.2.10:143"])));
+
+        // The configuration changes; until a reload, the cached answer (TTL 300 s) serves.
+        *cell.lock().expect("cell") = Some(new.address);
+        let cached = resolver.resolve("imap1.example.com:143").await;
+        assert_eq!(cached, Ok(addrs(&["192.0.2.10:143"])));
+        assert_eq!(new.queries(), 0);
+
+        assert_eq!(resolver.reload().map_err(|e| e.to_string()), Ok(1));
+        let moved = resolver.resolve("imap1.example.com:143").await;
+        assert_eq!(moved, Ok(addrs(&["192.0.2.20:143"])));
+        assert!(new.queries() > 0, "the new name server was not asked");
+        let asked = new.queries();
+        let again = resolver.resolve("imap1.example.com:993").await;
+        assert_eq!(again, Ok(addrs(&["192.0.2.20:993"])));
+        assert_eq!(new.queries(), asked, "the new answer is cached for its TTL");
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_cannot_read_the_configuration_changes_nothing() {
+        let server = NameServer::start().await;
+        server.serve("imap1.example.com", [192, 0, 2, 10], 300);
+        let (resolver, cell) = switchable(server.address, SHORT);
+        let first = resolver.resolve("imap1.example.com:143").await;
+        assert_eq!(first, Ok(addrs(&["192.0.2.10:143"])));
+        let asked = server.queries();
+
+        *cell.lock().expect("cell") = None;
+        let failed = resolver.reload().map_err(|e| e.to_string());
+        assert_eq!(
+            failed,
+            Err("DNS resolver: cannot read the test's configuration".into())
+        );
+        // The answer is still fresh and the old name server still the one asked.
+        let cached = resolver.resolve("imap1.example.com:143").await;
+        assert_eq!(cached, Ok(addrs(&["192.0.2.10:143"])));
+        assert_eq!(server.queries(), asked);
+        server.serve("imap2.example.com", [192, 0, 2, 11], 300);
+        let other = resolver.resolve("imap2.example.com:143").await;
+        assert_eq!(other, Ok(addrs(&["192.0.2.11:143"])));
+    }
+
+    #[tokio::test]
     async fn the_system_resolver_knows_localhost_without_a_name_server() {
         let resolver = Resolver::system().expect("resolver");
         let found = resolver.resolve("localhost:143").await.expect("localhost");
@@ -649,5 +815,15 @@ mod tests {
             found.contains(&"127.0.0.1:143".parse().expect("addr")),
             "{found:?}"
         );
+        // A reload reads /etc/hosts and /etc/resolv.conf again; localhost still resolves.
+        let expired = tokio::task::spawn_blocking({
+            let resolver = resolver.clone();
+            move || resolver.reload().map_err(|e| e.to_string())
+        })
+        .await
+        .expect("reload task");
+        assert_eq!(expired, Ok(1));
+        let again = resolver.resolve("localhost:143").await.expect("localhost");
+        assert_eq!(again, found);
     }
 }

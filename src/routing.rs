@@ -120,6 +120,8 @@ pub struct Router {
     organisation_pool: Arc<Pool>,
     domain_pools: HashMap<String, Arc<Pool>>,
     pools: BTreeMap<String, Arc<Pool>>,
+    /// The one resolver every pool's transport shares.
+    resolver: Resolver,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +227,13 @@ impl Router {
             organisation_pool: find(&routing.organisation_pool)?,
             domain_pools,
             pools,
+            resolver,
         })
+    }
+
+    /// The resolver of the backends' host names (shared by every pool).
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
     }
 
     /// The full lowercase address for a login name, or `None` when it cannot be an address

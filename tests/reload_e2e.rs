@@ -1,7 +1,8 @@
 //! Reload (`SIGHUP`) end to end: the real `mailgate` binary in front of a real Dovecot, a real
 //! client (Python `imaplib`). A user who turns IMAP on in the account file can log in after a
 //! reload without a restart; a broken account file is refused with file and line and changes
-//! nothing; a renewed certificate is served to the next handshake; the reload counter says
+//! nothing; a renewed certificate is served to the next handshake; the backend, written as
+//! `localhost:PORT`, is looked up again under the re-read `/etc/hosts`; the reload counter says
 //! what happened.
 
 mod common;
@@ -75,7 +76,8 @@ fn sighup_reloads_accounts_and_certificates_and_a_bad_file_changes_nothing() {
     let hash = mailgate::accounts::hash_password(USER.1.as_bytes());
     // IMAP is off until the user turns it on: no `imap:` key.
     account_file(&accounts, &hash, "");
-    let pool = Pool::master(&[dovecot.imap_addr()], &[], MASTER.0, MASTER.1);
+    let mut pool = Pool::master(&[dovecot.imap_addr()], &[], MASTER.0, MASTER.1);
+    pool.host = Some("localhost".into());
     let mut opts = MailgateOpts::new(pool.clone(), pool);
     opts.accounts = accounts.clone();
     let mailgate = Mailgate::start(&opts);
@@ -104,7 +106,14 @@ fn sighup_reloads_accounts_and_certificates_and_a_bad_file_changes_nothing() {
     assert_ne!(old_cert, renewed.pem());
 
     mailgate.signal("HUP");
-    mailgate.wait_for_log("SIGHUP: reloaded", LOG_TIMEOUT);
+    let log = mailgate.wait_for_log("SIGHUP: reloaded", LOG_TIMEOUT);
+    // The one backend name (`localhost`, resolved by the start-up health probe) was dropped
+    // from the cache, and the login below looks it up again.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("SIGHUP: reloaded") && l.contains("dns_names=1")),
+        "{log}"
+    );
     let after = login(&mailgate);
     assert!(after.contains("login: OK"), "{after}");
     assert!(after.contains("certificate is the file's: True"), "{after}");
