@@ -459,6 +459,49 @@ m.logout()
     assert!(session.contains("result=ok"), "{session}");
 }
 
+/// A user mailgate knows whom the backend does not (not provisioned there yet): mailgate has
+/// proven the password, Dovecot refuses the master login, and the client hears "temporarily
+/// unavailable", not "wrong password", so it keeps the password and retries later.
+#[test]
+fn a_backend_that_refuses_the_master_login_is_unavailable_not_a_wrong_password() {
+    let unprovisioned = dovecot(&[], "imap");
+    let organisation = dovecot(&ORGANISATION_USERS, "imappro");
+    let mailgate = Mailgate::start(&MailgateOpts::new(
+        pool(&unprovisioned),
+        pool(&organisation),
+    ));
+    let script = format!(
+        "{PRELUDE}\nPORT = int(sys.argv[1])\n{}",
+        r#"
+m, result = try_login(PORT, "alice", "alice-pass")
+print("alice:", result)
+"#
+    );
+    let out = run_python_args(
+        &script,
+        &[&mailgate.port("imaps").to_string()],
+        CLIENT_TIMEOUT,
+    );
+    assert!(out.success(), "{out}\n{}", mailgate.log());
+    assert!(
+        out.stdout
+            .contains("alice: NO [UNAVAILABLE] Mail server temporarily unavailable"),
+        "{out}\n{}",
+        mailgate.log()
+    );
+    // The refusal was Dovecot's, to the master login.
+    let log = unprovisioned.wait_for_log("alice@skydesk.jp", Duration::from_secs(10));
+    assert!(!log.contains("Login: user=<alice@skydesk.jp>"), "{log}");
+    let session = mailgate.wait_for_log("result=backend_unavailable", Duration::from_secs(10));
+    assert!(session.contains("login refused"), "{session}");
+    assert_eq!(
+        mailgate.metric(
+            "mailgate_logins_total{pool=\"imap\",protocol=\"imap\",result=\"backend_unavailable\"}"
+        ),
+        1
+    );
+}
+
 /// A pool backend written `localhost:PORT` (as operators write host names): mailgate resolves
 /// it itself (hickory, `/etc/hosts`, no DNS server needed) and the login reaches Dovecot.
 #[test]

@@ -14,6 +14,7 @@ use crate::imap::reply;
 use crate::imap::session::{Credentials, Event, PreAuth, SessionConfig, BYE_SHUTDOWN, BYE_TIMEOUT};
 use crate::login::{authorize, Grant, LoginResult};
 use crate::preauth::{self, Driver, Goodbyes, LoggedIn, Mode, PreauthEnd};
+use crate::routing::ImapLogin;
 use crate::server::{write, ClientStream, Connection, SessionLog};
 
 /// How long mailgate waits for the backend to finish logging in once connected.
@@ -187,17 +188,25 @@ async fn log_in(
     .await
     {
         Ok((address, session)) => Ok((grant, address, session)),
-        Err(BackendError::Refused { code }) => Err(refused_result(code.as_deref())),
+        Err(BackendError::Refused { code }) => Err(refused_result(
+            code.as_deref(),
+            matches!(pool.imap_login, ImapLogin::Master { .. }),
+        )),
         Err(_) => Err(LoginResult::BackendUnavailable),
     }
 }
 
-/// What a backend's `NO [CODE]` means for the client. Without a code it is a failed
-/// authentication; the backend's own text never reaches the client.
-fn refused_result(code: Option<&str>) -> LoginResult {
+/// What a backend's `NO [CODE]` means for the client; the backend's own text never reaches
+/// the client. With the client's own credentials (passthrough), a refusal without a code is a
+/// failed authentication. With the master user (`master`), mailgate has checked the password
+/// already: a refusal is the backend's or the setup's (a user the backend does not know, a
+/// wrong master password, a client certificate it does not accept), so the client hears
+/// "temporarily unavailable" and keeps its password, and no failed login counts against it.
+fn refused_result(code: Option<&str>, master: bool) -> LoginResult {
     match code.map(str::to_ascii_uppercase).as_deref() {
-        Some("UNAVAILABLE") | Some("SERVERBUG") => LoginResult::BackendUnavailable,
         Some("LIMIT") => LoginResult::TooManyConnections,
+        Some("UNAVAILABLE") | Some("SERVERBUG") => LoginResult::BackendUnavailable,
+        _ if master => LoginResult::BackendUnavailable,
         _ => LoginResult::InvalidCredentials,
     }
 }
@@ -208,18 +217,23 @@ mod tests {
 
     #[test]
     fn backend_refusals_map_to_client_results() {
-        assert_eq!(refused_result(None), LoginResult::InvalidCredentials);
-        assert_eq!(
-            refused_result(Some("AUTHENTICATIONFAILED")),
-            LoginResult::InvalidCredentials
-        );
-        assert_eq!(
-            refused_result(Some("unavailable")),
-            LoginResult::BackendUnavailable
-        );
-        assert_eq!(
-            refused_result(Some("LIMIT")),
-            LoginResult::TooManyConnections
-        );
+        for master in [false, true] {
+            assert_eq!(
+                refused_result(Some("unavailable"), master),
+                LoginResult::BackendUnavailable
+            );
+            assert_eq!(
+                refused_result(Some("LIMIT"), master),
+                LoginResult::TooManyConnections
+            );
+        }
+        // The client's own password, refused: theirs to fix.
+        for code in [None, Some("AUTHENTICATIONFAILED"), Some("ALERT")] {
+            assert_eq!(refused_result(code, false), LoginResult::InvalidCredentials);
+        }
+        // mailgate's master login, refused: the backend's or the setup's.
+        for code in [None, Some("AUTHENTICATIONFAILED"), Some("ALERT")] {
+            assert_eq!(refused_result(code, true), LoginResult::BackendUnavailable);
+        }
     }
 }
