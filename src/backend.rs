@@ -6,7 +6,8 @@
 //! answers for their TTL and keeps the last good one through a DNS outage). TLS to a backend
 //! always verifies its certificate against the host part of the backend's address (DNS name
 //! or IP address), with the pool's `backend_ca` bundle or the system's trust store; there is
-//! no way to turn verification off.
+//! no way to turn verification off. A backend that asks for a client certificate gets the
+//! pool's `backend_client_certificate` ([`ClientCertificate`], re-read at a reload), or none.
 
 use std::future::Future;
 use std::io;
@@ -16,16 +17,20 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{BackendTls, HostPort, Protocol};
+use crate::config::{BackendTls, CertificateConfig, HostPort, Protocol};
 use crate::metrics::Metrics;
 use crate::resolver::Resolver;
 use crate::routing::Pool;
+use crate::tls::{LoadedCertificate, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -92,6 +97,56 @@ async fn connect_tcp(
 pub struct Transport {
     resolver: Resolver,
     tls: Tls,
+    client: Option<Arc<ClientCertificate>>,
+}
+
+/// The certificate a pool presents to backends that ask for one. A reload replaces it whole;
+/// handshakes under way keep the one they took.
+#[derive(Debug)]
+pub struct ClientCertificate {
+    current: ArcSwap<LoadedCertificate>,
+}
+
+impl ClientCertificate {
+    /// Reads the chain and key of a pool's `backend_client_certificate`.
+    ///
+    /// # Errors
+    /// Missing or unparsable files, or a key that does not belong to the certificate.
+    pub fn load(config: &CertificateConfig) -> Result<ClientCertificate, TlsError> {
+        Ok(ClientCertificate {
+            current: ArcSwap::from_pointee(load_client_certificate(config)?),
+        })
+    }
+
+    /// Puts a certificate loaded by [`load_client_certificate`] in place (reload).
+    pub fn replace(&self, loaded: LoadedCertificate) {
+        self.current.store(Arc::new(loaded));
+    }
+
+    /// The certificate in use: for the expiry metric.
+    pub fn current(&self) -> Arc<LoadedCertificate> {
+        self.current.load_full()
+    }
+}
+
+/// Reads a `backend_client_certificate` (at start, and again at a reload).
+///
+/// # Errors
+/// As [`crate::tls::load_certificate`].
+pub fn load_client_certificate(config: &CertificateConfig) -> Result<LoadedCertificate, TlsError> {
+    crate::tls::load_certificate(config, &rustls::crypto::aws_lc_rs::default_provider())
+}
+
+impl ResolvesClientCert for ClientCertificate {
+    /// The one certificate, whatever CAs the backend names: a backend that trusts another CA
+    /// refuses the handshake, and the log says which backend.
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The TLS variants carry the pool's connector: its client config (roots, session cache for
@@ -120,6 +175,8 @@ impl std::fmt::Debug for Tls {
 pub enum TransportError {
     #[error("backend_ca: {0}")]
     Ca(String),
+    #[error("backend_client_certificate: {0}")]
+    ClientCertificate(#[from] TlsError),
     #[error(
         "no usable certificate in the system's trust store{}; set backend_ca",
         .0.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
@@ -131,13 +188,16 @@ pub enum TransportError {
 
 impl Transport {
     /// The transport for a pool's `backend_tls`, trusting the certificates of `ca` (a PEM
-    /// bundle), or the system's trust store when `ca` is `None`.
+    /// bundle), or the system's trust store when `ca` is `None`, and presenting `client` to
+    /// backends that ask for a certificate.
     ///
     /// # Errors
-    /// The bundle cannot be loaded, or there are no system roots to trust.
+    /// The bundle or the client certificate cannot be loaded, or there are no system roots to
+    /// trust.
     pub fn new(
         mode: BackendTls,
         ca: Option<&Path>,
+        client: Option<&CertificateConfig>,
         resolver: Resolver,
     ) -> Result<Transport, TransportError> {
         if mode == BackendTls::None {
@@ -147,7 +207,11 @@ impl Transport {
             Some(path) => crate::config::load_ca_bundle(path).map_err(TransportError::Ca)?,
             None => system_roots()?,
         };
-        Ok(Transport::with_roots(mode, roots, resolver)?)
+        let client = client
+            .map(ClientCertificate::load)
+            .transpose()?
+            .map(Arc::new);
+        Ok(Transport::with_roots(mode, roots, client, resolver)?)
     }
 
     /// Plaintext to the backends.
@@ -155,27 +219,40 @@ impl Transport {
         Transport {
             resolver,
             tls: Tls::Plain,
+            client: None,
         }
     }
 
-    /// The transport for `mode`, trusting exactly `roots`.
+    /// The transport for `mode`, trusting exactly `roots`, presenting `client` when asked.
     ///
     /// # Errors
     /// rustls refuses the config (it does not with its own defaults).
     pub fn with_roots(
         mode: BackendTls,
         roots: RootCertStore,
+        client: Option<Arc<ClientCertificate>>,
         resolver: Resolver,
     ) -> Result<Transport, rustls::Error> {
         let connector = || -> Result<TlsConnector, rustls::Error> {
-            Ok(TlsConnector::from(Arc::new(client_config(roots)?)))
+            let config = client_config(roots, client.clone())?;
+            Ok(TlsConnector::from(Arc::new(config)))
         };
         let tls = match mode {
             BackendTls::None => Tls::Plain,
             BackendTls::Starttls => Tls::Starttls(connector()?),
             BackendTls::Implicit => Tls::Implicit(connector()?),
         };
-        Ok(Transport { resolver, tls })
+        let client = client.filter(|_| mode != BackendTls::None);
+        Ok(Transport {
+            resolver,
+            tls,
+            client,
+        })
+    }
+
+    /// The certificate this pool presents to backends, if it has one.
+    pub fn client_certificate(&self) -> Option<&Arc<ClientCertificate>> {
+        self.client.as_ref()
     }
 
     /// The `backend_tls` mode this transport implements.
@@ -242,16 +319,27 @@ fn system_roots() -> Result<RootCertStore, TransportError> {
 }
 
 /// A client config that verifies the backend's certificate chain and name (webpki), with the
-/// aws-lc-rs provider the server side uses too.
-fn client_config(roots: RootCertStore) -> Result<ClientConfig, rustls::Error> {
-    Ok(
-        ClientConfig::builder_with_provider(
-            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
-        )
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    )
+/// aws-lc-rs provider the server side uses too, and presents `client` when a backend asks.
+fn client_config(
+    roots: RootCertStore,
+    client: Option<Arc<ClientCertificate>>,
+) -> Result<ClientConfig, rustls::Error> {
+    let builder = ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    Ok(match client {
+        Some(client) => {
+            let mut config = builder.with_client_cert_resolver(client);
+            // A full handshake per connection: Dovecot 2.3 (OpenSSL without a session id
+            // context) fails every resumed handshake once it verifies client certificates,
+            // and a resumed session would keep the certificate of before a reload.
+            config.resumption = rustls::client::Resumption::disabled();
+            config
+        }
+        None => builder.with_no_client_auth(),
+    })
 }
 
 /// The name the backend's certificate must carry: the host part of `address`.
@@ -495,8 +583,8 @@ mod tests {
         let pki = Pki::new("mailgate test CA");
         let t = Duration::from_secs(5);
         let resolver = Resolver::system().expect("resolver");
-        let trusted =
-            Transport::with_roots(BackendTls::Implicit, pki.roots(), resolver).expect("transport");
+        let trusted = Transport::with_roots(BackendTls::Implicit, pki.roots(), None, resolver)
+            .expect("transport");
 
         // Signed by the pool's CA, for the address's IP: the bytes come through TLS.
         let address = tls_server(pki.acceptor(&["127.0.0.1", "localhost"])).await;
@@ -558,11 +646,12 @@ mod tests {
     #[test]
     fn a_plain_transport_needs_no_roots() {
         let resolver = Resolver::system().expect("resolver");
-        let plain = Transport::new(BackendTls::None, None, resolver.clone()).expect("plain");
+        let plain = Transport::new(BackendTls::None, None, None, resolver.clone()).expect("plain");
         assert_eq!(plain.mode(), BackendTls::None);
         let missing = Transport::new(
             BackendTls::Starttls,
             Some(Path::new("/nonexistent/ca.pem")),
+            None,
             resolver,
         );
         assert!(matches!(missing, Err(TransportError::Ca(_))), "{missing:?}");

@@ -444,6 +444,10 @@ pub struct PoolConfig {
     /// starttls or implicit). Absent: the system's trust store.
     #[serde(default)]
     pub backend_ca: Option<PathBuf>,
+    /// The certificate mailgate presents to backends that ask for one (`backend_tls`
+    /// starttls or implicit), re-read at a reload. Absent: no client certificate.
+    #[serde(default)]
+    pub backend_client_certificate: Option<CertificateConfig>,
     pub login: LoginConfig,
     #[serde(default)]
     pub smtp_login: SmtpLogin,
@@ -1175,19 +1179,40 @@ fn check_login(name: &str, pool: &PoolConfig, p: &mut Problems<'_>) {
 }
 
 /// A TLS pool's backends must be names a certificate can be verified against, and its CA
-/// bundle must load; a CA bundle without TLS is a mistake, not a no-op.
+/// bundle and client certificate must load; either without TLS is a mistake, not a no-op.
 fn check_backend_tls(name: &str, pool: &PoolConfig, p: &mut Problems<'_>) {
     let key = |field: &str| format!("pools.{name}.{field}");
     if pool.backend_tls == BackendTls::None {
-        if pool.backend_ca.is_some() {
-            p.push(
-                key("backend_ca"),
-                "has no effect with backend_tls: none; set backend_tls: starttls or implicit, \
-                 or remove backend_ca"
-                    .into(),
-            );
+        for (field, set) in [
+            ("backend_ca", pool.backend_ca.is_some()),
+            (
+                "backend_client_certificate",
+                pool.backend_client_certificate.is_some(),
+            ),
+        ] {
+            if set {
+                p.push(
+                    key(field),
+                    format!(
+                        "has no effect with backend_tls: none; set backend_tls: starttls or \
+                         implicit, or remove {field}"
+                    ),
+                );
+            }
         }
         return;
+    }
+    if let Some(c) = &pool.backend_client_certificate {
+        let key = |field: &str| format!("pools.{name}.backend_client_certificate.{field}");
+        let (cert, pkey) = (FileState::of(&c.cert), FileState::of(&c.key));
+        if matches!((&cert, &pkey), (FileState::Present, FileState::Present)) {
+            if let Err((field, message)) = load_certified_key(c) {
+                p.push(key(field), message);
+            }
+        } else {
+            cert.report(key("cert"), &c.cert, "", p);
+            pkey.report(key("key"), &c.key, "", p);
+        }
     }
     for (proto, backends) in [(Protocol::Imap, &pool.imap), (Protocol::Smtp, &pool.smtp)] {
         for (i, backend) in backends.iter().enumerate() {
@@ -2198,6 +2223,64 @@ metrics: { address: \"127.0.0.1:9993\" }\n",
             [
                 "t.yaml:15: pools.p.backend_ca: has no effect with backend_tls: none; set \
               backend_tls: starttls or implicit, or remove backend_ca"
+            ]
+        );
+    }
+
+    #[test]
+    fn backend_client_certificate_must_load_match_and_need_backend_tls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write_pair = |name: &str| {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let params = rcgen::CertificateParams::new(vec!["mailgate".to_string()]).expect("p");
+            let cert = params.self_signed(&key).expect("self-signed");
+            let (cert_path, key_path) = (
+                dir.path().join(format!("{name}.pem")),
+                dir.path().join(format!("{name}.key")),
+            );
+            fs::write(&cert_path, cert.pem()).expect("write");
+            fs::write(&key_path, key.serialize_pem()).expect("write");
+            (cert_path, key_path)
+        };
+        let (cert, key) = write_pair("client");
+        let (_, other_key) = write_pair("other");
+        let pool = |tls: &str, cert: &Path, key: &Path| {
+            plain("").replace(
+                "    login: { mode: passthrough }\n",
+                &format!(
+                    "    login: {{ mode: passthrough }}\n    backend_tls: {tls}\n    \
+                     backend_client_certificate:\n      cert: \"{}\"\n      key: \"{}\"\n",
+                    cert.display(),
+                    key.display()
+                ),
+            )
+        };
+
+        let config = Config::from_yaml(&pool("implicit", &cert, &key), Path::new("t.yaml"))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let loaded = config.pools["p"].backend_client_certificate.as_ref();
+        assert_eq!(loaded.map(|c| c.cert.as_path()), Some(cert.as_path()));
+
+        let errors = errors_of(&pool("starttls", &cert, &other_key));
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("t.yaml:17: pools.p.backend_client_certificate.key: `")
+                && errors[0].ends_with("it is not the private key of that certificate"),
+            "{errors:#?}"
+        );
+        let missing = dir.path().join("missing.pem");
+        let errors = errors_of(&pool("implicit", &missing, &key));
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("t.yaml:16: pools.p.backend_client_certificate.cert: `")
+                && errors[0].ends_with("missing.pem` does not exist"),
+            "{errors:#?}"
+        );
+        assert_eq!(
+            errors_of(&pool("none", &cert, &key)),
+            [
+                "t.yaml:15: pools.p.backend_client_certificate: has no effect with backend_tls: \
+                 none; set backend_tls: starttls or implicit, or remove backend_client_certificate"
             ]
         );
     }

@@ -29,7 +29,7 @@ use crate::health::Readiness;
 use crate::limits::Rejection;
 use crate::login::LoginResult;
 use crate::shutdown::{Phase, Shutdown};
-use crate::tls::CertificateSet;
+use crate::tls::LoadedCertificate;
 
 /// The `pool` label of a login that was not routed to any pool.
 pub const NO_POOL: &str = "none";
@@ -293,7 +293,8 @@ impl Metrics {
             GaugeVec::new(
                 opts(
                     "mailgate_tls_certificate_expiry_timestamp_seconds",
-                    "notAfter of each served certificate, seconds since the epoch.",
+                    "notAfter of each certificate in use (served to clients, or presented to \
+                     backends), seconds since the epoch.",
                 ),
                 &["certificate"],
             )?,
@@ -426,11 +427,11 @@ impl Metrics {
         }
     }
 
-    /// Sets the expiry gauges to the certificates being served (and drops those no longer
-    /// served).
-    pub fn certificates(&self, set: &CertificateSet) {
+    /// Sets the expiry gauges to the certificates in use: those served to clients and the
+    /// pools' client certificates (and drops those no longer in use).
+    pub fn certificates<'a>(&self, in_use: impl IntoIterator<Item = &'a LoadedCertificate>) {
         self.certificate_expiry.reset();
-        for c in &set.certificates {
+        for c in in_use {
             // f64 holds every timestamp until the year 285 million exactly.
             #[allow(clippy::cast_precision_loss)]
             let not_after = c.not_after as f64;
@@ -660,7 +661,7 @@ pools:
             .map(|c| c.not_after)
             .unwrap_or_default();
         assert!(not_after > 1_700_000_000);
-        m.certificates(&set);
+        m.certificates(&set.certificates);
         let line = format!(
             "mailgate_tls_certificate_expiry_timestamp_seconds{{certificate=\"{}\"}} {not_after}",
             cfg.cert.display()

@@ -1,8 +1,9 @@
 //! `SIGHUP`: reload what changes while mailgate runs — the account data (a user turns IMAP on,
-//! changes a password, adds an app password) and the certificates (a renewal) — without
-//! touching a session. The config file is read and checked again in full; from it the account
-//! file and the certificate files are loaded, and only when everything loaded are both swapped
-//! in, so a reload that fails changes nothing. Then the backend-name resolver reads
+//! changes a password, adds an app password) and the certificates (a renewal, of those served
+//! to clients and of the pools' `backend_client_certificate`) — without touching a session.
+//! The config file is read and checked again in full; from it the account file and the
+//! certificate files are loaded, and only when everything loaded is it all swapped in, so a
+//! reload that fails changes nothing. Then the backend-name resolver reads
 //! `/etc/hosts` and `/etc/resolv.conf` again and forgets its cached answers; when it cannot,
 //! it keeps what it had, with a warning, and the reload still counts as done: a broken
 //! `/etc/resolv.conf` must not hold back an account change. Other settings (listeners, pools,
@@ -13,8 +14,9 @@ use std::path::Path;
 use anyhow::Context as _;
 
 use crate::accounts::AccountStore;
+use crate::backend::load_client_certificate;
 use crate::config::{Config, ConfigError};
-use crate::server::Context;
+use crate::server::{report_certificates, Context};
 use crate::tls;
 
 /// What a successful reload put in place.
@@ -54,19 +56,42 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
         // No listener used TLS at start; one that does now needs a restart anyway.
         None => None,
     };
+    // A pool that presented a client certificate at start reads the files its new config
+    // names; a pool that gains or loses one needs a restart, like every pool setting.
+    let mut clients = Vec::new();
+    for pool in context.router.pools() {
+        let Some(running) = pool.transport.client_certificate() else {
+            continue;
+        };
+        let configured = config
+            .pools
+            .get(&pool.name)
+            .and_then(|p| p.backend_client_certificate.as_ref());
+        let Some(configured) = configured else {
+            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.backend_client_certificate is gone from the config; the pool presents its certificate until a restart", pool.name);
+            continue;
+        };
+        let loaded = load_client_certificate(configured)
+            .with_context(|| format!("pools.{}.backend_client_certificate", pool.name))?;
+        clients.push((running, loaded));
+    }
     let mut reloaded = Reloaded {
         users: store.len(),
         organisations: store.organisations_len(),
         certificates: certificates
             .as_ref()
-            .map_or(0, |(_, set)| set.certificates.len()),
+            .map_or(0, |(_, set)| set.certificates.len())
+            + clients.len(),
         dns_names: None,
     };
     context.auth.replace_store(store);
     if let Some((running, set)) = certificates {
-        context.metrics.certificates(&set);
         running.resolver.replace(set);
     }
+    for (running, loaded) in clients {
+        running.replace(loaded);
+    }
+    report_certificates(&context.metrics, context.tls.as_ref(), &context.router);
     match context.router.resolver().reload() {
         Ok(names) => reloaded.dns_names = Some(names),
         Err(e) => {

@@ -16,6 +16,7 @@ use crate::backend::Transport;
 use crate::config::{Config, LoginConfig, Protocol, Secret, SmtpLogin};
 use crate::health::{BackendHealth, Thresholds};
 use crate::resolver::{Resolver, SetupError};
+use crate::tls::LoadedCertificate;
 
 /// One backend server, as configured (`host:port`).
 #[derive(Debug, Clone)]
@@ -186,6 +187,7 @@ impl Router {
             let transport = Transport::new(
                 pool.backend_tls,
                 pool.backend_ca.as_deref(),
+                pool.backend_client_certificate.as_ref(),
                 resolver.clone(),
             )
             .map_err(|e| RouterError::Pool {
@@ -258,6 +260,14 @@ impl Router {
 
     pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
         self.pools.values()
+    }
+
+    /// The client certificates the pools present to their backends, as now in use.
+    pub fn client_certificates(&self) -> Vec<Arc<LoadedCertificate>> {
+        self.pools()
+            .filter_map(|pool| pool.transport.client_certificate())
+            .map(|client| client.current())
+            .collect()
     }
 }
 

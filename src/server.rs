@@ -47,6 +47,19 @@ pub struct Context {
     pub limiter: Limiter,
 }
 
+/// Sets the certificate expiry gauges to the certificates in use now: those served to clients
+/// and those the pools present to their backends.
+pub fn report_certificates(metrics: &Metrics, tls: Option<&Tls>, router: &Router) {
+    let served = tls.map(|t| t.resolver.current());
+    let clients = router.client_certificates();
+    metrics.certificates(
+        served
+            .iter()
+            .flat_map(|set| set.certificates.iter())
+            .chain(clients.iter().map(|c| &**c)),
+    );
+}
+
 impl Context {
     /// Counts one login attempt under the pool `login` routes to (`none` when it routes
     /// nowhere, or when there is no name to route: a `tls_required` refusal).
@@ -107,9 +120,7 @@ impl Server {
         // Also builds each TLS pool's client config (roots, session cache), once.
         let router = Router::from_config(&config)?;
         let metrics = Metrics::new(&prometheus::Registry::new(), &config).context("metrics")?;
-        if let Some(tls) = &tls {
-            metrics.certificates(&tls.resolver.current());
-        }
+        report_certificates(&metrics, tls.as_ref(), &router);
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let socket = TcpListener::bind(l.address)

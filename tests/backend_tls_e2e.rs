@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use common::dovecot::ServerTls;
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
 use common::{run_python_args, Dovecot, DovecotOpts, Postfix, PostfixOpts};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -106,10 +108,31 @@ impl TestCa {
         let tls = ServerTls {
             cert: self.dir.path().join(format!("{name}.crt")),
             key: self.dir.path().join(format!("{name}.key")),
+            client_ca: None,
         };
         std::fs::write(&tls.cert, cert.pem()).expect("write leaf");
         std::fs::write(&tls.key, key.serialize_pem()).expect("write key");
         tls
+    }
+
+    /// A client certificate (CN `mailgate`, for client authentication) valid until 1 January
+    /// of `until_year`, written as `NAME.crt` / `NAME.key` (over an earlier one of that name).
+    fn client(&self, name: &str, until_year: i32) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("client key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "mailgate");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_after = rcgen::date_time_ymd(until_year, 1, 1);
+        let cert = params.signed_by(&key, &self.issuer).expect("client");
+        let paths = (
+            self.dir.path().join(format!("{name}.crt")),
+            self.dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&paths.0, cert.pem()).expect("write client");
+        std::fs::write(&paths.1, key.serialize_pem()).expect("write key");
+        paths
     }
 }
 
@@ -382,4 +405,106 @@ for user, password in [("alice", "alice-pass"), ("dave@example.com", "dave-pass"
     }
     assert!(!postfix.contains("sasl_username="), "{postfix}");
     assert!(!postfix.contains("Authenticated sender"), "{postfix}");
+}
+
+/// A Dovecot that lets no one log in without a client certificate from the test CA: the pool
+/// with `backend_client_certificate` logs its users in, the pool without is turned away, and a
+/// renewed client certificate is presented after `SIGHUP`.
+#[test]
+fn a_backend_that_requires_a_client_certificate_gets_the_pools() {
+    let ca = TestCa::new("mailgate backend test CA");
+    let tls = ca
+        .leaf("backend")
+        .requiring_client_certificates(&ca.ca_path());
+    let dovecot = Dovecot::start(
+        DovecotOpts::default()
+            .master(MASTER.0, MASTER.1)
+            .user("alice@skydesk.jp", "unused-here")
+            .user("dave@example.com", "unused-here")
+            .with_tls(tls),
+    );
+    let (cert, key) = ca.client("mailgate-client", 2031);
+    let with_certificate = Pool::master(&[dovecot.imaps_addr()], &[], MASTER.0, MASTER.1)
+        .tls("implicit", Some(&ca.ca_path()))
+        .client_certificate(&cert, &key);
+    let without = Pool::master(&[dovecot.imaps_addr()], &[], MASTER.0, MASTER.1)
+        .tls("implicit", Some(&ca.ca_path()));
+    let mailgate = Mailgate::start(&MailgateOpts::new(with_certificate, without).health(HEALTH));
+    let logs = || {
+        format!(
+            "--- mailgate ---\n{}\n--- dovecot ---\n{}",
+            mailgate.log(),
+            dovecot.log()
+        )
+    };
+    let logins = || {
+        // No SMTP here: the prelude's SMTP ports are given the IMAP one, unused.
+        let port = mailgate.port("imaps").to_string();
+        let args = [port.as_str(); 3];
+        let body = r#"
+for user, password in [("alice", "alice-pass"), ("dave@example.com", "dave-pass")]:
+    m, r = imap_login(IMAPS, user, password)
+    print(user, "IMAP", r)
+    if r.startswith("OK"):
+        print(user, "SELECT", m.select("INBOX")[0])
+        m.logout()
+"#;
+        let out = run_python_args(&format!("{PRELUDE}\n{body}"), &args, CLIENT_TIMEOUT);
+        assert!(out.success(), "{out}\n{}", logs());
+        out.stdout
+    };
+    let expiry = || {
+        let label = format!(
+            "mailgate_tls_certificate_expiry_timestamp_seconds{{certificate=\"{}\"}} ",
+            cert.display()
+        );
+        metrics(mailgate.metrics_addr())
+            .lines()
+            .find_map(|l| l.strip_prefix(&label).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {label}in the metrics\n{}", logs()))
+    };
+
+    let out = logins();
+    assert!(out.contains("alice IMAP OK"), "{out}\n{}", logs());
+    assert!(out.contains("alice SELECT OK"), "{out}");
+    // Dovecot turns the pool without a certificate away; the client hears it as unavailable.
+    assert!(
+        out.contains("dave@example.com IMAP NO [UNAVAILABLE] Mail server temporarily unavailable"),
+        "{out}\n{}",
+        logs()
+    );
+    let log = dovecot.log();
+    assert!(log.contains("Login: user=<alice@skydesk.jp>"), "{log}");
+    assert!(!log.contains("Login: user=<dave@example.com>"), "{log}");
+    // 2031-01-01T00:00:00Z.
+    assert_eq!(expiry(), "1924992000", "{}", logs());
+
+    // Renewed in place (a new key too); after SIGHUP the next handshakes present it.
+    ca.client("mailgate-client", 2032);
+    mailgate.signal("HUP");
+    mailgate.wait_for_log("SIGHUP: reloaded", Duration::from_secs(10));
+    assert_eq!(expiry(), "1956528000", "{}", logs());
+    let out = logins();
+    assert!(out.contains("alice IMAP OK"), "{out}\n{}", logs());
+
+    // A certificate from another CA: the reload loads it (it is a valid pair), Dovecot refuses
+    // it, and the pool's logins fail the way they would without one.
+    let stranger = TestCa::new("someone else's CA");
+    let (other_cert, other_key) = stranger.client("stranger", 2031);
+    std::fs::copy(&other_cert, &cert).expect("copy cert");
+    std::fs::copy(&other_key, &key).expect("copy key");
+    let before = mailgate.log().len();
+    mailgate.signal("HUP");
+    common::wait_for_text(
+        "mailgate's log",
+        "SIGHUP: reloaded",
+        Duration::from_secs(10),
+        || mailgate.log().get(before..).unwrap_or_default().to_owned(),
+    );
+    let out = logins();
+    assert!(
+        out.contains("alice IMAP NO [UNAVAILABLE]"),
+        "{out}\n{}",
+        logs()
+    );
 }

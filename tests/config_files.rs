@@ -92,6 +92,8 @@ fn production_example_fails_only_on_files_absent_here() {
         "pools.imappro.login.password_file",
         "pools.imappro-dedicated.login.password_file",
         "pools.imappro-dedicated.backend_ca",
+        "pools.imappro-dedicated.backend_client_certificate.cert",
+        "pools.imappro-dedicated.backend_client_certificate.key",
     ]
     .into_iter()
     .collect();

@@ -862,7 +862,7 @@ mod login_tests {
         use crate::backend::test_pki::{read_line, Pki};
 
         let pki = Pki::new("mailgate test CA");
-        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), resolver())
+        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), None, resolver())
             .expect("transport");
         let forged: &str = "250-forged\r\n250 XCLIENT ADDR LOGIN\r\n220 forged\r\n250 forged\r\n";
         for injected in ["250 injected\r\n", forged] {
@@ -933,7 +933,7 @@ mod login_tests {
         use crate::backend::test_pki::Pki;
 
         let pki = Pki::new("mailgate test CA");
-        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), resolver())
+        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), None, resolver())
             .expect("transport");
         let (address, seen) = backend(vec![EHLO_XCLIENT]).await;
         let mut request = request(SmtpLogin::Xclient, None);

@@ -53,6 +53,17 @@ pub struct DovecotOpts {
 pub struct ServerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Ask every TLS client for a certificate signed by this CA, and let no one log in
+    /// without one (Dovecot only; Postfix ignores it).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTls {
+    /// Requires TLS clients to present a certificate that `ca` signed.
+    pub fn requiring_client_certificates(mut self, ca: &Path) -> ServerTls {
+        self.client_ca = Some(ca.to_path_buf());
+        self
+    }
 }
 
 impl Default for DovecotOpts {
@@ -485,11 +496,22 @@ fn config(
     let lmtp = listeners.lmtp;
     let protocols = if lmtp.is_some() { "imap lmtp" } else { "imap" };
     let ssl = match tls {
-        Some(tls) => format!(
-            "ssl = yes\nssl_cert = <{}\nssl_key = <{}",
-            tls.cert.display(),
-            tls.key.display()
-        ),
+        Some(tls) => {
+            let mut ssl = format!(
+                "ssl = yes\nssl_cert = <{}\nssl_key = <{}",
+                tls.cert.display(),
+                tls.key.display()
+            );
+            if let Some(ca) = &tls.client_ca {
+                // No CRL in the test CA: do not ask for one.
+                ssl.push_str(&format!(
+                    "\nssl_ca = <{}\nssl_verify_client_cert = yes\nssl_require_crl = no\n\
+                     auth_ssl_require_client_cert = yes",
+                    ca.display()
+                ));
+            }
+            ssl
+        }
         None => "ssl = no".to_owned(),
     };
     let imaps = match listeners.imaps {

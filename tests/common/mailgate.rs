@@ -37,6 +37,8 @@ pub struct Pool {
     /// Names the backends by this host (e.g. `localhost`) instead of their IP address, so
     /// TLS verifies a DNS name rather than an IP address.
     pub host: Option<String>,
+    /// `backend_client_certificate`: (cert, key) PEM files.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
 }
 
 impl Pool {
@@ -51,6 +53,7 @@ impl Pool {
             backend_tls: "none".into(),
             backend_ca: None,
             host: None,
+            client_certificate: None,
         }
     }
 
@@ -65,6 +68,12 @@ impl Pool {
     /// Names the backends `host:PORT` instead of `IP:PORT`.
     pub fn host(mut self, host: &str) -> Pool {
         self.host = Some(host.into());
+        self
+    }
+
+    /// Presents this certificate to backends that ask for one.
+    pub fn client_certificate(mut self, cert: &Path, key: &Path) -> Pool {
+        self.client_certificate = Some((cert.to_path_buf(), key.to_path_buf()));
         self
     }
 }
@@ -150,6 +159,11 @@ fn pool_yaml(out: &mut String, name: &str, pool: &Pool, smtp_login: &str, health
     let _ = writeln!(out, "    backend_tls: {}", pool.backend_tls);
     if let Some(ca) = &pool.backend_ca {
         let _ = writeln!(out, "    backend_ca: \"{}\"", ca.display());
+    }
+    if let Some((cert, key)) = &pool.client_certificate {
+        let _ = writeln!(out, "    backend_client_certificate:");
+        let _ = writeln!(out, "      cert: \"{}\"", cert.display());
+        let _ = writeln!(out, "      key: \"{}\"", key.display());
     }
     match &pool.login {
         Login::Master { user, password } => {
