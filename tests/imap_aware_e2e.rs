@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
-use common::{run_python_args, Dovecot, DovecotOpts};
+use common::{run_cmd, run_python_args, Dovecot, DovecotOpts};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -327,6 +327,80 @@ m.logout()
         "{out}"
     );
     assert!(line(&out, "select child").starts_with("OK"), "{out}");
+}
+
+/// mbsync, which walks every folder (`Patterns *`), through the aware relay: it syncs INBOX
+/// and the visible folder below the hidden parent, and nothing of the hidden ones.
+#[test]
+fn mbsync_syncs_only_visible_folders_below_a_hidden_parent() {
+    let setup = Setup::start();
+    setup.python(
+        r#"
+d = direct("ivy@example.com")
+for name in ["Work", "Work.Projects", "Work.Secret", "Private"]:
+    d.create(name)
+for name in ["INBOX", "Work", "Work.Projects", "Work.Secret", "Private"]:
+    d.append(name, None, None, ("From: a@example.com\r\nSubject: in %s\r\n\r\nbody\r\n" % name).encode())
+d.logout()
+"#,
+    );
+    let dir = setup.mailgate.dir().join("mbsync-ivy");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let config = format!(
+        "IMAPAccount acct\nHost localhost\nPort {port}\nUser ivy@example.com\nPass ivy-pass\n\
+         SSLType IMAPS\nCertificateFile {cert}\n\nIMAPStore remote\nAccount acct\n\n\
+         MaildirStore local\nPath {d}/\nInbox {d}/INBOX\nSubFolders Verbatim\n\n\
+         Channel sync\nFar :remote:\nNear :local:\nPatterns *\nCreate Near\nSync Pull\n\
+         SyncState *\n",
+        port = setup.mailgate.port("imaps"),
+        cert = setup.mailgate.cert_path().display(),
+        d = dir.display()
+    );
+    let rc = dir.join("mbsyncrc");
+    std::fs::write(&rc, config).expect("write mbsyncrc");
+    let out = run_cmd(
+        "mbsync",
+        &["-c", &rc.to_string_lossy(), "-a"],
+        CLIENT_TIMEOUT,
+    );
+    assert!(
+        out.success(),
+        "{out}\n--- mailgate ---\n{}",
+        setup.mailgate.log()
+    );
+    // Every synced message, as "folder: subject".
+    let mut synced = Vec::new();
+    let mut folders = vec![dir.clone()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).expect("read dir").flatten() {
+            let path = entry.path();
+            let sub = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if matches!(sub.as_deref(), Some("cur" | "new")) {
+                for message in std::fs::read_dir(&path).expect("read dir").flatten() {
+                    let text = std::fs::read_to_string(message.path()).unwrap_or_default();
+                    let subject = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Subject: "))
+                        .unwrap_or_default()
+                        .to_owned();
+                    let name = folder
+                        .strip_prefix(&dir)
+                        .unwrap_or(&folder)
+                        .display()
+                        .to_string();
+                    synced.push(format!("{name}: {subject}"));
+                }
+            } else if path.is_dir() {
+                folders.push(path);
+            }
+        }
+    }
+    synced.sort();
+    assert_eq!(
+        synced,
+        ["INBOX: in INBOX", "Work/Projects: in Work.Projects"],
+        "{out}"
+    );
 }
 
 #[test]
