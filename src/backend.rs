@@ -8,6 +8,7 @@
 //! or IP address), with the pool's `backend_ca` bundle or the system's trust store; there is
 //! no way to turn verification off. A backend that asks for a client certificate gets the
 //! pool's `backend_client_certificate` ([`ClientCertificate`], re-read at a reload), or none.
+//! A reload also reads the trusted CAs again ([`Transport::prepare_roots`]).
 
 use std::future::Future;
 use std::io;
@@ -149,16 +150,20 @@ impl ResolvesClientCert for ClientCertificate {
     }
 }
 
-/// The TLS variants carry the pool's connector: its client config (roots, session cache for
-/// resumption) is built once, when the pool is.
+/// The TLS variants carry the pool's client config (roots, session cache for resumption),
+/// built when the pool is and again when a reload reads the CAs anew.
 #[derive(Clone)]
 enum Tls {
     Plain,
     /// Plaintext greeting, then the protocol's STARTTLS and a handshake before anything else.
-    Starttls(TlsConnector),
+    Starttls(Arc<ArcSwap<ClientConfig>>),
     /// A handshake before the greeting.
-    Implicit(TlsConnector),
+    Implicit(Arc<ArcSwap<ClientConfig>>),
 }
+
+/// A pool's client config built from the CAs as they are now, ready for
+/// [`Transport::install_roots`].
+pub struct PreparedRoots(Arc<ClientConfig>);
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,9 +238,9 @@ impl Transport {
         client: Option<Arc<ClientCertificate>>,
         resolver: Resolver,
     ) -> Result<Transport, rustls::Error> {
-        let connector = || -> Result<TlsConnector, rustls::Error> {
+        let connector = || -> Result<Arc<ArcSwap<ClientConfig>>, rustls::Error> {
             let config = client_config(roots, client.clone())?;
-            Ok(TlsConnector::from(Arc::new(config)))
+            Ok(Arc::new(ArcSwap::from_pointee(config)))
         };
         let tls = match mode {
             BackendTls::None => Tls::Plain,
@@ -253,6 +258,35 @@ impl Transport {
     /// The certificate this pool presents to backends, if it has one.
     pub fn client_certificate(&self) -> Option<&Arc<ClientCertificate>> {
         self.client.as_ref()
+    }
+
+    /// Reads the CAs a TLS pool trusts again (`ca`, or the system's trust store), for a
+    /// reload: nothing changes until [`Transport::install_roots`]. `None` for a plaintext
+    /// pool.
+    ///
+    /// # Errors
+    /// As [`Transport::new`]: the bundle does not load, or there are no system roots.
+    pub fn prepare_roots(
+        &self,
+        ca: Option<&Path>,
+    ) -> Result<Option<PreparedRoots>, TransportError> {
+        if matches!(self.tls, Tls::Plain) {
+            return Ok(None);
+        }
+        let roots = match ca {
+            Some(path) => crate::config::load_ca_bundle(path).map_err(TransportError::Ca)?,
+            None => system_roots()?,
+        };
+        let config = client_config(roots, self.client.clone())?;
+        Ok(Some(PreparedRoots(Arc::new(config))))
+    }
+
+    /// Puts the CAs of [`Transport::prepare_roots`] in place: the next handshake verifies
+    /// against them (handshakes under way finish with the old ones). Resumption starts over.
+    pub fn install_roots(&self, prepared: PreparedRoots) {
+        if let Tls::Starttls(config) | Tls::Implicit(config) = &self.tls {
+            config.store(prepared.0);
+        }
     }
 
     /// The `backend_tls` mode this transport implements.
@@ -353,12 +387,13 @@ fn server_name(address: &str) -> Result<ServerName<'static>, BackendError> {
 }
 
 async fn handshake(
-    connector: &TlsConnector,
+    config: &ArcSwap<ClientConfig>,
     tcp: TcpStream,
     address: &str,
     timeout: Duration,
 ) -> Result<BackendStream, BackendError> {
     let name = server_name(address)?;
+    let connector = TlsConnector::from(config.load_full());
     match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
         Ok(Ok(tls)) => Ok(BackendStream::Tls(Box::new(tls))),
         Ok(Err(e)) => Err(BackendError::Unreachable(format!(

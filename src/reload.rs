@@ -1,6 +1,7 @@
 //! `SIGHUP`: reload what changes while mailgate runs — the account data (a user turns IMAP on,
-//! changes a password, adds an app password) and the certificates (a renewal, of those served
-//! to clients and of the pools' `backend_client_certificate`) — without touching a session.
+//! changes a password, adds an app password), the certificates (a renewal, of those served to
+//! clients and of the pools' `backend_client_certificate`) and the CAs the pools trust
+//! (`backend_ca`, or the system's trust store) — without touching a session.
 //! The config file is read and checked again in full; from it the account file and the
 //! certificate files are loaded, and only when everything loaded is it all swapped in, so a
 //! reload that fails changes nothing. Then the backend-name resolver reads
@@ -56,22 +57,34 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
         // No listener used TLS at start; one that does now needs a restart anyway.
         None => None,
     };
-    // A pool that presented a client certificate at start reads the files its new config
-    // names; a pool that gains or loses one needs a restart, like every pool setting.
+    // A TLS pool trusts the CAs its new config names; a pool that presented a client
+    // certificate at start reads the files its new config names. A pool that changes its
+    // backend_tls, or gains or loses a client certificate, needs a restart, like every other
+    // pool setting.
+    let mut roots = Vec::new();
     let mut clients = Vec::new();
     for pool in context.router.pools() {
+        let Some(configured) = config.pools.get(&pool.name) else {
+            tracing::warn!(pool = %pool.name, "SIGHUP: the pool is gone from the config; it serves until a restart");
+            continue;
+        };
+        if configured.backend_tls != pool.transport.mode() {
+            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.backend_tls changed; it takes effect at a restart", pool.name);
+        } else if let Some(prepared) = pool
+            .transport
+            .prepare_roots(configured.backend_ca.as_deref())
+            .with_context(|| format!("pools.{}", pool.name))?
+        {
+            roots.push((&pool.transport, prepared));
+        }
         let Some(running) = pool.transport.client_certificate() else {
             continue;
         };
-        let configured = config
-            .pools
-            .get(&pool.name)
-            .and_then(|p| p.backend_client_certificate.as_ref());
-        let Some(configured) = configured else {
+        let Some(files) = &configured.backend_client_certificate else {
             tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.backend_client_certificate is gone from the config; the pool presents its certificate until a restart", pool.name);
             continue;
         };
-        let loaded = load_client_certificate(configured)
+        let loaded = load_client_certificate(files)
             .with_context(|| format!("pools.{}.backend_client_certificate", pool.name))?;
         clients.push((running, loaded));
     }
@@ -90,6 +103,9 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
     }
     for (running, loaded) in clients {
         running.replace(loaded);
+    }
+    for (transport, prepared) in roots {
+        transport.install_roots(prepared);
     }
     report_certificates(&context.metrics, context.tls.as_ref(), &context.router);
     match context.router.resolver().reload() {

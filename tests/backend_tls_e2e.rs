@@ -508,3 +508,72 @@ for user, password in [("alice", "alice-pass"), ("dave@example.com", "dave-pass"
         logs()
     );
 }
+
+/// The CAs a pool trusts are read again at `SIGHUP`: a backend whose certificate comes from a
+/// new CA is unavailable until the pool's `backend_ca` file holds that CA and mailgate reloads;
+/// a broken bundle fails the reload and changes nothing.
+#[test]
+fn sighup_reads_the_backend_ca_bundle_again() {
+    let (old_ca, new_ca) = (TestCa::new("retired CA"), TestCa::new("new CA"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bundle = dir.path().join("backend-ca.pem");
+    std::fs::copy(old_ca.ca_path(), &bundle).expect("bundle");
+    let setup = Setup::start(&new_ca.leaf("backend"), &bundle);
+    let login = || {
+        setup.python(
+            r#"
+m, r = imap_login(IMAPS, "alice", "alice-pass")
+print("alice IMAP", r)
+"#,
+        )
+    };
+    let reloads = |result: &str| {
+        setup.mailgate.metric(&format!(
+            "mailgate_config_reloads_total{{result=\"{result}\"}}"
+        ))
+    };
+    let reload = |result: &str, count: u64| {
+        setup.mailgate.signal("HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloads(result) < count {
+            assert!(
+                Instant::now() < deadline,
+                "no reload {result}\n{}",
+                setup.logs()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    let out = login();
+    assert!(
+        out.contains("alice IMAP NO [UNAVAILABLE] Mail server temporarily unavailable"),
+        "{out}\n{}",
+        setup.logs()
+    );
+
+    // Not a bundle: the reload fails with the config's file, line and key, and changes
+    // nothing.
+    std::fs::write(&bundle, "not a certificate\n").expect("write");
+    reload("error", 1);
+    let log = setup.mailgate.log();
+    let failed = log
+        .split("SIGHUP: reload failed")
+        .nth(1)
+        .unwrap_or_default();
+    let place = format!("{}:", setup.mailgate.dir().join("mailgate.yaml").display());
+    assert!(
+        failed.lines().any(|l| l.contains(&place)
+            && l.contains(": pools.imap.backend_ca: `")
+            && l.ends_with("backend-ca.pem` holds no CERTIFICATE block")),
+        "{log}"
+    );
+    assert!(login().contains("alice IMAP NO [UNAVAILABLE]"));
+
+    // The new CA in the bundle: after the reload the backend verifies, and alice is in.
+    std::fs::copy(new_ca.ca_path(), &bundle).expect("bundle");
+    reload("ok", 1);
+    let out = login();
+    assert!(out.contains("alice IMAP OK"), "{out}\n{}", setup.logs());
+    assert_eq!(reloads("error"), 1);
+}
