@@ -136,7 +136,7 @@ fn hash_password() -> ExitCode {
     }
 }
 
-/// `SIGHUP`: account data, certificates and the DNS configuration again (see
+/// `SIGHUP`: account data, certificates, the pools' CAs and the DNS configuration again (see
 /// `mailgate::reload`); one log line either way.
 async fn reload(context: &Arc<mailgate::server::Context>, path: &std::path::Path) {
     let (context, path) = (context.clone(), path.to_path_buf());

@@ -7,8 +7,8 @@
 //! reload that fails changes nothing. Then the backend-name resolver reads
 //! `/etc/hosts` and `/etc/resolv.conf` again and forgets its cached answers; when it cannot,
 //! it keeps what it had, with a warning, and the reload still counts as done: a broken
-//! `/etc/resolv.conf` must not hold back an account change. Other settings (listeners, pools,
-//! limits, messages) take effect at the next start.
+//! `/etc/resolv.conf` must not hold back an account change. Other settings (listeners, the
+//! pools' backends, modes and logins, limits, messages) take effect at the next start.
 
 use std::path::Path;
 
