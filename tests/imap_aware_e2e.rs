@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
-use common::{run_cmd, run_python_args, Dovecot, DovecotOpts};
+use common::{run_mbsync, run_python_args, Dovecot, DovecotOpts};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -356,13 +356,7 @@ d.logout()
         cert = setup.mailgate.cert_path().display(),
         d = dir.display()
     );
-    let rc = dir.join("mbsyncrc");
-    std::fs::write(&rc, config).expect("write mbsyncrc");
-    let out = run_cmd(
-        "mbsync",
-        &["-c", &rc.to_string_lossy(), "-a"],
-        CLIENT_TIMEOUT,
-    );
+    let out = run_mbsync(&dir, &config, CLIENT_TIMEOUT);
     assert!(
         out.success(),
         "{out}\n--- mailgate ---\n{}",

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
-use common::{run_cmd, run_python, run_python_args, Dovecot, DovecotOpts};
+use common::{run_cmd, run_mbsync, run_python, run_python_args, Dovecot, DovecotOpts};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -306,13 +306,7 @@ print("seeded")
             "{account}\nIMAPStore remote\nAccount acct\n\nMaildirStore local\nPath {d}/\nInbox {d}/INBOX\n\nChannel sync\nFar :remote:\nNear :local:\nPatterns INBOX\nCreate Near\nSync Pull\nSyncState *\n",
             d = dir.display()
         );
-        let path = dir.join("mbsyncrc");
-        std::fs::write(&path, config).expect("write mbsyncrc");
-        let out = run_cmd(
-            "mbsync",
-            &["-c", &path.to_string_lossy(), "-a"],
-            CLIENT_TIMEOUT,
-        );
+        let out = run_mbsync(&dir, &config, CLIENT_TIMEOUT);
         assert!(
             out.success(),
             "{out}\n--- mailgate ---\n{}",

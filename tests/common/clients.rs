@@ -65,6 +65,14 @@ pub fn run_cmd(program: &str, args: &[&str], timeout: Duration) -> Output {
     run(program, args, None, timeout)
 }
 
+/// Writes `config` to `DIR/mbsyncrc` and runs `mbsync -c DIR/mbsyncrc -a`; kills it after
+/// `timeout`.
+pub fn run_mbsync(dir: &std::path::Path, config: &str, timeout: Duration) -> Output {
+    let rc = dir.join("mbsyncrc");
+    std::fs::write(&rc, config).unwrap_or_else(|e| panic!("writing {}: {e}", rc.display()));
+    run_cmd("mbsync", &["-c", &rc.to_string_lossy(), "-a"], timeout)
+}
+
 /// Runs `program args…` with `stdin` as its standard input; kills it after `timeout`.
 pub fn run_cmd_stdin(program: &str, args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
     run(program, args, Some(stdin), timeout)

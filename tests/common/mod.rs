@@ -42,7 +42,8 @@ use std::time::{Duration, Instant};
 // Not every test crate uses every helper.
 #[allow(unused_imports)]
 pub use clients::{
-    run_cmd, run_cmd_async, run_cmd_stdin, run_python, run_python_args, run_python_async, Output,
+    run_cmd, run_cmd_async, run_cmd_stdin, run_mbsync, run_python, run_python_args,
+    run_python_async, Output,
 };
 #[allow(unused_imports)]
 pub use dovecot::{Dovecot, DovecotOpts};
