@@ -208,10 +208,7 @@ impl Transport {
         if mode == BackendTls::None {
             return Ok(Transport::plain(resolver));
         }
-        let roots = match ca {
-            Some(path) => crate::config::load_ca_bundle(path).map_err(TransportError::Ca)?,
-            None => system_roots()?,
-        };
+        let roots = trusted_roots(ca)?;
         let client = client
             .map(ClientCertificate::load)
             .transpose()?
@@ -247,7 +244,6 @@ impl Transport {
             BackendTls::Starttls => Tls::Starttls(connector()?),
             BackendTls::Implicit => Tls::Implicit(connector()?),
         };
-        let client = client.filter(|_| mode != BackendTls::None);
         Ok(Transport {
             resolver,
             tls,
@@ -273,11 +269,7 @@ impl Transport {
         if matches!(self.tls, Tls::Plain) {
             return Ok(None);
         }
-        let roots = match ca {
-            Some(path) => crate::config::load_ca_bundle(path).map_err(TransportError::Ca)?,
-            None => system_roots()?,
-        };
-        let config = client_config(roots, self.client.clone())?;
+        let config = client_config(trusted_roots(ca)?, self.client.clone())?;
         Ok(Some(PreparedRoots(Arc::new(config))))
     }
 
@@ -334,6 +326,14 @@ impl Transport {
                 "STARTTLS with a {other:?} transport"
             ))),
         }
+    }
+}
+
+/// The CAs a TLS pool trusts: its `backend_ca` bundle, or the system's trust store.
+fn trusted_roots(ca: Option<&Path>) -> Result<RootCertStore, TransportError> {
+    match ca {
+        Some(path) => crate::config::load_ca_bundle(path).map_err(TransportError::Ca),
+        None => system_roots(),
     }
 }
 

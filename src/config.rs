@@ -928,27 +928,39 @@ fn check_tls(tls: &TlsConfig, listeners: &[ListenerConfig], p: &mut Problems<'_>
         );
     }
     for (i, c) in tls.certificates.iter().enumerate() {
-        let key = |field: &str| format!("tls.certificates[{i}].{field}");
-        let cert = FileState::of(&c.cert);
-        let pkey = FileState::of(&c.key);
-        match (&cert, &pkey) {
-            (FileState::Missing, FileState::Missing) if tls.self_signed_if_missing => continue,
-            (FileState::Present, FileState::Present) => {}
-            _ => {
-                let hint = if tls.self_signed_if_missing {
-                    " (tls.self_signed_if_missing makes both files, so both must be missing or \
-                     both present)"
-                } else {
-                    ""
-                };
-                cert.report(key("cert"), &c.cert, hint, p);
-                pkey.report(key("key"), &c.key, hint, p);
-                continue;
-            }
+        let key = format!("tls.certificates[{i}]");
+        check_certificate_pair(&key, c, tls.self_signed_if_missing, p);
+    }
+}
+
+/// A certificate chain and key (`tls.certificates[i]`, a pool's `backend_client_certificate`):
+/// both files readable, and they load and belong together. Problems go under `KEY.cert` or
+/// `KEY.key`. `self_signed_if_missing`: both files missing is fine (a development certificate
+/// will be made there), one missing is not.
+fn check_certificate_pair(
+    key: &str,
+    c: &CertificateConfig,
+    self_signed_if_missing: bool,
+    p: &mut Problems<'_>,
+) {
+    let (cert, pkey) = (FileState::of(&c.cert), FileState::of(&c.key));
+    match (&cert, &pkey) {
+        (FileState::Missing, FileState::Missing) if self_signed_if_missing => return,
+        (FileState::Present, FileState::Present) => {}
+        _ => {
+            let hint = if self_signed_if_missing {
+                " (tls.self_signed_if_missing makes both files, so both must be missing or \
+                 both present)"
+            } else {
+                ""
+            };
+            cert.report(format!("{key}.cert"), &c.cert, hint, p);
+            pkey.report(format!("{key}.key"), &c.key, hint, p);
+            return;
         }
-        if let Err((field, message)) = load_certified_key(c) {
-            p.push(key(field), message);
-        }
+    }
+    if let Err((field, message)) = load_certified_key(c) {
+        p.push(format!("{key}.{field}"), message);
     }
 }
 
@@ -1203,16 +1215,7 @@ fn check_backend_tls(name: &str, pool: &PoolConfig, p: &mut Problems<'_>) {
         return;
     }
     if let Some(c) = &pool.backend_client_certificate {
-        let key = |field: &str| format!("pools.{name}.backend_client_certificate.{field}");
-        let (cert, pkey) = (FileState::of(&c.cert), FileState::of(&c.key));
-        if matches!((&cert, &pkey), (FileState::Present, FileState::Present)) {
-            if let Err((field, message)) = load_certified_key(c) {
-                p.push(key(field), message);
-            }
-        } else {
-            cert.report(key("cert"), &c.cert, "", p);
-            pkey.report(key("key"), &c.key, "", p);
-        }
+        check_certificate_pair(&key("backend_client_certificate"), c, false, p);
     }
     for (proto, backends) in [(Protocol::Imap, &pool.imap), (Protocol::Smtp, &pool.smtp)] {
         for (i, backend) in backends.iter().enumerate() {

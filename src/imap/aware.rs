@@ -798,9 +798,9 @@ impl Aware {
                 Err(_) => return Listed::Dropped,
             }
         }
-        let name = match c.token() {
-            Ok(Token::Atom(name)) => name.to_vec(),
-            Ok(Token::Str(name)) => name,
+        let name: std::borrow::Cow<'_, [u8]> = match c.token() {
+            Ok(Token::Atom(name)) => name.into(),
+            Ok(Token::Str(name)) => name.into(),
             _ => return Listed::Dropped,
         };
         if self.visible(&name) {

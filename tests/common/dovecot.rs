@@ -504,11 +504,12 @@ fn config(
             );
             if let Some(ca) = &tls.client_ca {
                 // No CRL in the test CA: do not ask for one.
-                ssl.push_str(&format!(
+                let _ = write!(
+                    ssl,
                     "\nssl_ca = <{}\nssl_verify_client_cert = yes\nssl_require_crl = no\n\
                      auth_ssl_require_client_cert = yes",
                     ca.display()
-                ));
+                );
             }
             ssl
         }
