@@ -7,22 +7,28 @@
 //! always verifies its certificate against the host part of the backend's address (DNS name
 //! or IP address), with the pool's `backend_ca` bundle or the system's trust store; there is
 //! no way to turn verification off. A backend that asks for a client certificate gets the
-//! pool's `backend_client_certificate` ([`ClientCertificate`], re-read at a reload), or none.
-//! A reload also reads the trusted CAs again ([`Transport::prepare_roots`]).
+//! pool's `backend_client_certificate` ([`ClientCertificate`], re-read at a reload), or none
+//! ([`CertificateRequests`]: the pool then stops resuming TLS sessions, which Dovecot fails once
+//! it verifies clients). A reload also reads the trusted CAs again
+//! ([`Transport::prepare_roots`]).
 
 use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::client::ResolvesClientCert;
+use rustls::client::{
+    ClientSessionMemoryCache, ClientSessionStore, ResolvesClientCert, Tls12ClientSessionValue,
+    Tls13ClientSessionValue,
+};
 use rustls::pki_types::ServerName;
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, NamedGroup, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -99,6 +105,8 @@ pub struct Transport {
     resolver: Resolver,
     tls: Tls,
     client: Option<Arc<ClientCertificate>>,
+    /// A TLS pool without a certificate: whether a backend asked for one.
+    requests: Option<Arc<CertificateRequests>>,
 }
 
 /// The certificate a pool presents to backends that ask for one. A reload replaces it whole;
@@ -150,6 +158,115 @@ impl ResolvesClientCert for ClientCertificate {
     }
 }
 
+/// A TLS pool without `backend_client_certificate` answers a backend's certificate request
+/// with none, and notes that it was asked: Dovecot 2.3 (OpenSSL without a session id context)
+/// fails every resumed handshake once it verifies client certificates, so from then on the
+/// pool keeps no TLS sessions ([`PoolSessions`]) and every connection is a full handshake.
+/// Pool-wide (the request does not say which server asked), and kept across reloads.
+#[derive(Debug)]
+pub struct CertificateRequests {
+    pool: Box<str>,
+    asked: AtomicBool,
+    warned: AtomicBool,
+}
+
+impl CertificateRequests {
+    fn new(pool: &str) -> CertificateRequests {
+        CertificateRequests {
+            pool: pool.into(),
+            asked: AtomicBool::new(false),
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a backend of the pool has asked for a client certificate.
+    pub fn asked(&self) -> bool {
+        self.asked.load(Ordering::Relaxed)
+    }
+
+    /// After a handshake with `address`: the first time a backend has asked, says so.
+    fn warn_once(&self, address: &str) {
+        if self.asked() && !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                pool = %self.pool,
+                backend = %address,
+                "backend asked for a client certificate; the pool has none \
+                 (backend_client_certificate) and sends none; TLS session resumption to the \
+                 pool's backends is off from now on"
+            );
+        }
+    }
+}
+
+impl ResolvesClientCert for CertificateRequests {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.asked.store(true, Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+/// A pool's TLS sessions for resumption (rustls' in-memory cache, as by default), given out
+/// and taken in only while no backend of the pool has asked for a client certificate.
+#[derive(Debug)]
+struct PoolSessions {
+    cache: ClientSessionMemoryCache,
+    requests: Arc<CertificateRequests>,
+}
+
+/// As rustls' default `Resumption`.
+const SESSIONS_PER_POOL: usize = 256;
+
+impl ClientSessionStore for PoolSessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.cache.set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.cache.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        if !self.requests.asked() {
+            self.cache.set_tls12_session(server_name, value);
+        }
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        if self.requests.asked() {
+            return None;
+        }
+        self.cache.tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.cache.remove_tls12_session(server_name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        if !self.requests.asked() {
+            self.cache.insert_tls13_ticket(server_name, value);
+        }
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        if self.requests.asked() {
+            return None;
+        }
+        self.cache.take_tls13_ticket(server_name)
+    }
+}
+
 /// The TLS variants carry the pool's client config (roots, session cache for resumption),
 /// built when the pool is and again when a reload reads the CAs anew.
 #[derive(Clone)]
@@ -192,14 +309,15 @@ pub enum TransportError {
 }
 
 impl Transport {
-    /// The transport for a pool's `backend_tls`, trusting the certificates of `ca` (a PEM
-    /// bundle), or the system's trust store when `ca` is `None`, and presenting `client` to
+    /// The transport for the pool `pool`'s `backend_tls`, trusting the certificates of `ca` (a
+    /// PEM bundle), or the system's trust store when `ca` is `None`, and presenting `client` to
     /// backends that ask for a certificate.
     ///
     /// # Errors
     /// The bundle or the client certificate cannot be loaded, or there are no system roots to
     /// trust.
     pub fn new(
+        pool: &str,
         mode: BackendTls,
         ca: Option<&Path>,
         client: Option<&CertificateConfig>,
@@ -213,7 +331,7 @@ impl Transport {
             .map(ClientCertificate::load)
             .transpose()?
             .map(Arc::new);
-        Ok(Transport::with_roots(mode, roots, client, resolver)?)
+        Ok(Transport::with_roots(pool, mode, roots, client, resolver)?)
     }
 
     /// Plaintext to the backends.
@@ -222,21 +340,30 @@ impl Transport {
             resolver,
             tls: Tls::Plain,
             client: None,
+            requests: None,
         }
     }
 
-    /// The transport for `mode`, trusting exactly `roots`, presenting `client` when asked.
+    /// The transport of `pool` for `mode`, trusting exactly `roots`, presenting `client` when
+    /// asked.
     ///
     /// # Errors
     /// rustls refuses the config (it does not with its own defaults).
     pub fn with_roots(
+        pool: &str,
         mode: BackendTls,
         roots: RootCertStore,
         client: Option<Arc<ClientCertificate>>,
         resolver: Resolver,
     ) -> Result<Transport, rustls::Error> {
+        let requests = match (&client, mode) {
+            (None, BackendTls::Starttls | BackendTls::Implicit) => {
+                Some(Arc::new(CertificateRequests::new(pool)))
+            }
+            _ => None,
+        };
         let connector = || -> Result<Arc<ArcSwap<ClientConfig>>, rustls::Error> {
-            let config = client_config(roots, client.clone())?;
+            let config = client_config(roots, client.clone(), requests.clone())?;
             Ok(Arc::new(ArcSwap::from_pointee(config)))
         };
         let tls = match mode {
@@ -248,6 +375,7 @@ impl Transport {
             resolver,
             tls,
             client,
+            requests,
         })
     }
 
@@ -269,7 +397,11 @@ impl Transport {
         if matches!(self.tls, Tls::Plain) {
             return Ok(None);
         }
-        let config = client_config(trusted_roots(ca)?, self.client.clone())?;
+        let config = client_config(
+            trusted_roots(ca)?,
+            self.client.clone(),
+            self.requests.clone(),
+        )?;
         Ok(Some(PreparedRoots(Arc::new(config))))
     }
 
@@ -303,7 +435,9 @@ impl Transport {
     ) -> Result<BackendStream, BackendError> {
         let tcp = connect_tcp(&self.resolver, address, timeout).await?;
         match &self.tls {
-            Tls::Implicit(connector) => handshake(connector, tcp, address, timeout).await,
+            Tls::Implicit(connector) => {
+                handshake(connector, self.requests.as_deref(), tcp, address, timeout).await
+            }
             Tls::Plain | Tls::Starttls(_) => Ok(BackendStream::Plain(tcp)),
         }
     }
@@ -321,7 +455,9 @@ impl Transport {
         timeout: Duration,
     ) -> Result<BackendStream, BackendError> {
         match &self.tls {
-            Tls::Starttls(connector) => handshake(connector, tcp, address, timeout).await,
+            Tls::Starttls(connector) => {
+                handshake(connector, self.requests.as_deref(), tcp, address, timeout).await
+            }
             other => Err(BackendError::Failed(format!(
                 "STARTTLS with a {other:?} transport"
             ))),
@@ -353,10 +489,12 @@ fn system_roots() -> Result<RootCertStore, TransportError> {
 }
 
 /// A client config that verifies the backend's certificate chain and name (webpki), with the
-/// aws-lc-rs provider the server side uses too, and presents `client` when a backend asks.
+/// aws-lc-rs provider the server side uses too, and presents `client` when a backend asks; a
+/// pool without one notes the request in `requests`.
 fn client_config(
     roots: RootCertStore,
     client: Option<Arc<ClientCertificate>>,
+    requests: Option<Arc<CertificateRequests>>,
 ) -> Result<ClientConfig, rustls::Error> {
     let builder = ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
@@ -372,7 +510,18 @@ fn client_config(
             config.resumption = rustls::client::Resumption::disabled();
             config
         }
-        None => builder.with_no_client_auth(),
+        None => match requests {
+            Some(requests) => {
+                let mut config = builder.with_client_cert_resolver(requests.clone());
+                // Sessions of the config: a reload that reads the CAs again starts over.
+                config.resumption = rustls::client::Resumption::store(Arc::new(PoolSessions {
+                    cache: ClientSessionMemoryCache::new(SESSIONS_PER_POOL),
+                    requests,
+                }));
+                config
+            }
+            None => builder.with_no_client_auth(),
+        },
     })
 }
 
@@ -386,8 +535,11 @@ fn server_name(address: &str) -> Result<ServerName<'static>, BackendError> {
         .map_err(|e| BackendError::Failed(format!("{address}: no name to verify: {e}")))
 }
 
+/// The TLS handshake on `tcp` with `config`; `requests` is the pool's record of certificate
+/// requests when it has no certificate.
 async fn handshake(
     config: &ArcSwap<ClientConfig>,
+    requests: Option<&CertificateRequests>,
     tcp: TcpStream,
     address: &str,
     timeout: Duration,
@@ -395,10 +547,23 @@ async fn handshake(
     let name = server_name(address)?;
     let connector = TlsConnector::from(config.load_full());
     match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
-        Ok(Ok(tls)) => Ok(BackendStream::Tls(Box::new(tls))),
-        Ok(Err(e)) => Err(BackendError::Unreachable(format!(
-            "{address}: TLS handshake failed: {e}"
-        ))),
+        Ok(Ok(tls)) => {
+            if let Some(requests) = requests {
+                requests.warn_once(address);
+            }
+            Ok(BackendStream::Tls(Box::new(tls)))
+        }
+        Ok(Err(e)) => {
+            let hint = if requests.is_some_and(CertificateRequests::asked) {
+                " (the backend asked for a client certificate; the pool has none: \
+                 backend_client_certificate)"
+            } else {
+                ""
+            };
+            Err(BackendError::Unreachable(format!(
+                "{address}: TLS handshake failed: {e}{hint}"
+            )))
+        }
         Err(_) => Err(BackendError::Unreachable(format!(
             "{address}: TLS handshake timed out"
         ))),
@@ -542,6 +707,7 @@ pub(crate) mod test_pki {
 
     pub struct Pki {
         ca: CertificateDer<'static>,
+        ca_pem: String,
         issuer: Issuer<'static, KeyPair>,
     }
 
@@ -553,11 +719,17 @@ pub(crate) mod test_pki {
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params.distinguished_name = DistinguishedName::new();
             params.distinguished_name.push(DnType::CommonName, name);
-            let ca = params.self_signed(&key).expect("CA cert").der().clone();
+            let ca = params.self_signed(&key).expect("CA cert");
             Pki {
-                ca,
+                ca: ca.der().clone(),
+                ca_pem: ca.pem(),
                 issuer: Issuer::new(params, key),
             }
+        }
+
+        /// The CA certificate as a PEM bundle, for `backend_ca`.
+        pub fn ca_pem(&self) -> &str {
+            &self.ca_pem
         }
 
         /// Roots that trust exactly this CA.
@@ -569,20 +741,42 @@ pub(crate) mod test_pki {
 
         /// A TLS server with a leaf for `names` (IP addresses become IP SANs).
         pub fn acceptor(&self, names: &[&str]) -> TlsAcceptor {
+            self.server(names, None)
+        }
+
+        /// As [`Pki::acceptor`], asking every client for a certificate of this CA, and
+        /// taking clients without one too (Dovecot's `ssl_verify_client_cert`).
+        pub fn acceptor_asking_clients(&self, names: &[&str]) -> TlsAcceptor {
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(self.roots()))
+                .allow_unauthenticated()
+                .build()
+                .expect("client verifier");
+            self.server(names, Some(verifier))
+        }
+
+        fn server(
+            &self,
+            names: &[&str],
+            clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+        ) -> TlsAcceptor {
             let key = KeyPair::generate().expect("leaf key");
             let params =
                 CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                     .expect("leaf params");
             let leaf = params.signed_by(&key, &self.issuer).expect("leaf cert");
             let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
                 rustls::crypto::aws_lc_rs::default_provider(),
             ))
             .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], key)
-            .expect("server config");
+            .expect("versions");
+            let builder = match clients {
+                Some(verifier) => builder.with_client_cert_verifier(verifier),
+                None => builder.with_no_client_auth(),
+            };
+            let config = builder
+                .with_single_cert(vec![leaf.der().clone()], key)
+                .expect("server config");
             TlsAcceptor::from(Arc::new(config))
         }
     }
@@ -598,10 +792,18 @@ mod tests {
 
     /// A TLS server that answers one connection with `hello` over TLS; its address.
     async fn tls_server(acceptor: tokio_rustls::TlsAcceptor) -> String {
+        tls_server_for(acceptor, 1).await
+    }
+
+    /// As [`tls_server`], for `connections` connections one after the other.
+    async fn tls_server_for(acceptor: tokio_rustls::TlsAcceptor, connections: usize) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         tokio::spawn(async move {
-            if let Ok((tcp, _)) = listener.accept().await {
+            for _ in 0..connections {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 if let Ok(mut tls) = acceptor.accept(tcp).await {
                     let _ = tls.write_all(b"hello").await;
                     let _ = tls.flush().await;
@@ -613,13 +815,69 @@ mod tests {
         address
     }
 
+    /// Connects, reads the server's `hello` (and with it the session tickets before it), and
+    /// says how the handshake went.
+    async fn handshake_kind(transport: &Transport, address: &str) -> rustls::HandshakeKind {
+        let stream = transport
+            .connect(address, Duration::from_secs(5))
+            .await
+            .expect("handshake");
+        let BackendStream::Tls(mut tls) = stream else {
+            panic!("not TLS");
+        };
+        let mut hello = [0u8; 5];
+        tls.read_exact(&mut hello).await.expect("read");
+        assert_eq!(&hello, b"hello");
+        tls.get_ref().1.handshake_kind().expect("handshake done")
+    }
+
+    /// A pool without a client certificate resumes its TLS sessions until a backend asks for a
+    /// certificate; from then on every handshake is full, to every backend of the pool (Dovecot
+    /// fails resumed handshakes once it verifies clients).
+    #[tokio::test]
+    async fn a_request_for_a_client_certificate_turns_resumption_off() {
+        use rustls::HandshakeKind::{Full, Resumed};
+        let pki = Pki::new("mailgate test CA");
+        let resolver = Resolver::system().expect("resolver");
+        let transport =
+            Transport::with_roots("test", BackendTls::Implicit, pki.roots(), None, resolver)
+                .expect("transport");
+        let requests = transport
+            .requests
+            .clone()
+            .expect("a pool without a certificate");
+
+        let plain = tls_server_for(pki.acceptor(&["127.0.0.1"]), 3).await;
+        assert_eq!(handshake_kind(&transport, &plain).await, Full);
+        assert_eq!(handshake_kind(&transport, &plain).await, Resumed);
+        assert!(!requests.asked());
+
+        let asking = tls_server_for(pki.acceptor_asking_clients(&["127.0.0.1"]), 2).await;
+        assert_eq!(handshake_kind(&transport, &asking).await, Full);
+        assert!(requests.asked());
+        assert_eq!(handshake_kind(&transport, &asking).await, Full);
+        assert_eq!(handshake_kind(&transport, &plain).await, Full);
+
+        // A reload that reads the CAs again (new config, new session store) keeps what the
+        // pool learnt.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = dir.path().join("ca.pem");
+        std::fs::write(&bundle, pki.ca_pem()).expect("write CA");
+        let prepared = transport.prepare_roots(Some(&bundle)).expect("CA bundle");
+        transport.install_roots(prepared.expect("a TLS pool"));
+        let plain = tls_server_for(pki.acceptor(&["127.0.0.1"]), 2).await;
+        assert_eq!(handshake_kind(&transport, &plain).await, Full);
+        assert_eq!(handshake_kind(&transport, &plain).await, Full);
+    }
+
     #[tokio::test]
     async fn implicit_tls_verifies_the_chain_and_the_address_name() {
         let pki = Pki::new("mailgate test CA");
         let t = Duration::from_secs(5);
         let resolver = Resolver::system().expect("resolver");
-        let trusted = Transport::with_roots(BackendTls::Implicit, pki.roots(), None, resolver)
-            .expect("transport");
+        let trusted =
+            Transport::with_roots("test", BackendTls::Implicit, pki.roots(), None, resolver)
+                .expect("transport");
 
         // Signed by the pool's CA, for the address's IP: the bytes come through TLS.
         let address = tls_server(pki.acceptor(&["127.0.0.1", "localhost"])).await;
@@ -681,9 +939,11 @@ mod tests {
     #[test]
     fn a_plain_transport_needs_no_roots() {
         let resolver = Resolver::system().expect("resolver");
-        let plain = Transport::new(BackendTls::None, None, None, resolver.clone()).expect("plain");
+        let plain =
+            Transport::new("test", BackendTls::None, None, None, resolver.clone()).expect("plain");
         assert_eq!(plain.mode(), BackendTls::None);
         let missing = Transport::new(
+            "test",
             BackendTls::Starttls,
             Some(Path::new("/nonexistent/ca.pem")),
             None,

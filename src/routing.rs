@@ -185,6 +185,7 @@ impl Router {
                 }
             };
             let transport = Transport::new(
+                name,
                 pool.backend_tls,
                 pool.backend_ca.as_deref(),
                 pool.backend_client_certificate.as_ref(),

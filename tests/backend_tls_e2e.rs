@@ -109,6 +109,7 @@ impl TestCa {
             cert: self.dir.path().join(format!("{name}.crt")),
             key: self.dir.path().join(format!("{name}.key")),
             client_ca: None,
+            client_certificate_required: false,
         };
         std::fs::write(&tls.cert, cert.pem()).expect("write leaf");
         std::fs::write(&tls.key, key.serialize_pem()).expect("write key");
@@ -476,6 +477,14 @@ for user, password in [("alice", "alice-pass"), ("dave@example.com", "dave-pass"
     let log = dovecot.log();
     assert!(log.contains("Login: user=<alice@skydesk.jp>"), "{log}");
     assert!(!log.contains("Login: user=<dave@example.com>"), "{log}");
+    // mailgate's log says what the pool lacks.
+    assert!(
+        mailgate.log().lines().any(|l| l.contains("WARN")
+            && l.contains("backend asked for a client certificate; the pool has none")
+            && l.contains("pool=imappro ")),
+        "{}",
+        logs()
+    );
     // 2031-01-01T00:00:00Z.
     assert_eq!(expiry(), "1924992000", "{}", logs());
 
@@ -507,6 +516,82 @@ for user, password in [("alice", "alice-pass"), ("dave@example.com", "dave-pass"
         "{out}\n{}",
         logs()
     );
+}
+
+/// A Dovecot that asks every TLS client for a certificate but logs users in without one: a
+/// pool without `backend_client_certificate` sends none, says so once in the log, and turns
+/// TLS session resumption off for its backends, because Dovecot 2.3 fails every resumed
+/// handshake once it verifies clients ("session id context uninitialized"). Without that,
+/// every other connection to the backend failed its handshake.
+#[test]
+fn a_backend_that_asks_for_a_client_certificate_gets_full_handshakes() {
+    let ca = TestCa::new("mailgate backend test CA");
+    let tls = ca.leaf("backend").asking_client_certificates(&ca.ca_path());
+    let dovecot = Dovecot::start(
+        DovecotOpts::default()
+            .master(MASTER.0, MASTER.1)
+            .user("alice@skydesk.jp", "unused-here")
+            .user("dave@example.com", "unused-here")
+            .with_tls(tls),
+    );
+    let (cert, key) = ca.client("mailgate-client", 2031);
+    let without = Pool::master(&[dovecot.imaps_addr()], &[], MASTER.0, MASTER.1)
+        .tls("implicit", Some(&ca.ca_path()));
+    let with_certificate = Pool::master(&[dovecot.imaps_addr()], &[], MASTER.0, MASTER.1)
+        .tls("implicit", Some(&ca.ca_path()))
+        .client_certificate(&cert, &key);
+    let mailgate = Mailgate::start(&MailgateOpts::new(without, with_certificate).health(HEALTH));
+    let logs = || {
+        format!(
+            "--- mailgate ---\n{}\n--- dovecot ---\n{}",
+            mailgate.log(),
+            dovecot.log()
+        )
+    };
+    // Health probes (every 500 ms) and logins take turns on the backend: eight logins in a
+    // row, each a new connection, a second apart, see both.
+    let port = mailgate.port("imaps").to_string();
+    let args = [port.as_str(); 3];
+    let body = r#"
+import time
+for i in range(8):
+    for user, password in [("alice", "alice-pass"), ("dave@example.com", "dave-pass")]:
+        m, r = imap_login(IMAPS, user, password)
+        print(i, user, "IMAP", r)
+        if r.startswith("OK"):
+            m.logout()
+    time.sleep(0.3)
+"#;
+    let out = run_python_args(&format!("{PRELUDE}\n{body}"), &args, CLIENT_TIMEOUT);
+    assert!(out.success(), "{out}\n{}", logs());
+    for i in 0..8 {
+        for user in ["alice", "dave@example.com"] {
+            let want = format!("{i} {user} IMAP OK");
+            assert!(
+                out.stdout.contains(&want),
+                "no {want:?}:\n{out}\n{}",
+                logs()
+            );
+        }
+    }
+    let log = mailgate.log();
+    assert!(!log.contains("TLS handshake failed"), "{}", logs());
+    let asked = "asked for a client certificate";
+    assert_eq!(
+        log.matches(asked).count(),
+        1,
+        "one warning for the pool without a certificate, none for the other:\n{}",
+        logs()
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(asked) && l.contains("pool=imap ") && l.contains("WARN")),
+        "{}",
+        logs()
+    );
+    // The pool with a certificate presents it (Dovecot verifies it) and logs its user in.
+    let dlog = dovecot.log();
+    assert!(dlog.contains("Login: user=<dave@example.com>"), "{dlog}");
 }
 
 /// The CAs a pool trusts are read again at `SIGHUP`: a backend whose certificate comes from a

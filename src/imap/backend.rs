@@ -616,8 +616,9 @@ mod tests {
         use crate::backend::test_pki::{read_line, Pki};
 
         let pki = Pki::new("mailgate test CA");
-        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), None, resolver())
-            .expect("transport");
+        let transport =
+            Transport::with_roots("test", BackendTls::Starttls, pki.roots(), None, resolver())
+                .expect("transport");
         let forged: &[u8] = b"* CAPABILITY IMAP4rev1 SASL-IR FORGED\r\nmg2 OK done\r\n\
                               mg3 OK [CAPABILITY IMAP4rev1 FORGED] Logged in\r\n";
         for injected in [&b"* OK injected\r\n"[..], forged] {
@@ -684,8 +685,9 @@ mod tests {
         use crate::backend::test_pki::{read_line, Pki};
 
         let pki = Pki::new("mailgate test CA");
-        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), None, resolver())
-            .expect("transport");
+        let transport =
+            Transport::with_roots("test", BackendTls::Starttls, pki.roots(), None, resolver())
+                .expect("transport");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -862,8 +862,9 @@ mod login_tests {
         use crate::backend::test_pki::{read_line, Pki};
 
         let pki = Pki::new("mailgate test CA");
-        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), None, resolver())
-            .expect("transport");
+        let transport =
+            Transport::with_roots("test", BackendTls::Starttls, pki.roots(), None, resolver())
+                .expect("transport");
         let forged: &str = "250-forged\r\n250 XCLIENT ADDR LOGIN\r\n220 forged\r\n250 forged\r\n";
         for injected in ["250 injected\r\n", forged] {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -933,8 +934,9 @@ mod login_tests {
         use crate::backend::test_pki::Pki;
 
         let pki = Pki::new("mailgate test CA");
-        let transport = Transport::with_roots(BackendTls::Starttls, pki.roots(), None, resolver())
-            .expect("transport");
+        let transport =
+            Transport::with_roots("test", BackendTls::Starttls, pki.roots(), None, resolver())
+                .expect("transport");
         let (address, seen) = backend(vec![EHLO_XCLIENT]).await;
         let mut request = request(SmtpLogin::Xclient, None);
         request.transport = &transport;

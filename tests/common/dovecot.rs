@@ -53,15 +53,26 @@ pub struct DovecotOpts {
 pub struct ServerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// Ask every TLS client for a certificate signed by this CA, and let no one log in
-    /// without one (Dovecot only; Postfix ignores it).
+    /// Ask every TLS client for a certificate signed by this CA (Dovecot only; Postfix
+    /// ignores it).
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: let no one log in without such a certificate.
+    pub client_certificate_required: bool,
 }
 
 impl ServerTls {
     /// Requires TLS clients to present a certificate that `ca` signed.
     pub fn requiring_client_certificates(mut self, ca: &Path) -> ServerTls {
         self.client_ca = Some(ca.to_path_buf());
+        self.client_certificate_required = true;
+        self
+    }
+
+    /// Asks TLS clients for a certificate that `ca` signed, and verifies one that comes, but
+    /// logs users in without one too.
+    pub fn asking_client_certificates(mut self, ca: &Path) -> ServerTls {
+        self.client_ca = Some(ca.to_path_buf());
+        self.client_certificate_required = false;
         self
     }
 }
@@ -507,8 +518,13 @@ fn config(
                 let _ = write!(
                     ssl,
                     "\nssl_ca = <{}\nssl_verify_client_cert = yes\nssl_require_crl = no\n\
-                     auth_ssl_require_client_cert = yes",
-                    ca.display()
+                     auth_ssl_require_client_cert = {}",
+                    ca.display(),
+                    if tls.client_certificate_required {
+                        "yes"
+                    } else {
+                        "no"
+                    }
                 );
             }
             ssl
