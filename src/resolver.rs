@@ -455,6 +455,8 @@ mod tests {
         records: HashMap<String, (Ipv4Addr, u32)>,
         /// Drops every query unanswered (a dead name server that still counts).
         silent: bool,
+        /// Answers each query this late (a slow name server).
+        delay: Duration,
     }
 
     /// A name server on 127.0.0.1 that answers A queries from its [`Zone`] (NXDOMAIN for names
@@ -484,13 +486,14 @@ mod tests {
                     let mut buf = [0u8; 1500];
                     while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
                         queries.fetch_add(1, Ordering::SeqCst);
-                        let reply = {
+                        let (reply, delay) = {
                             let zone = zone.lock().expect("zone");
                             if zone.silent {
                                 continue;
                             }
-                            answer(&buf[..n], &zone)
+                            (answer(&buf[..n], &zone), zone.delay)
                         };
+                        tokio::time::sleep(delay).await;
                         if let Some(reply) = reply {
                             let _ = socket.send_to(&reply, peer).await;
                         }
@@ -516,6 +519,10 @@ mod tests {
 
         fn silence(&self) {
             self.zone.lock().expect("zone").silent = true;
+        }
+
+        fn answer_after(&self, delay: Duration) {
+            self.zone.lock().expect("zone").delay = delay;
         }
 
         fn queries(&self) -> usize {
@@ -781,6 +788,45 @@ mod tests {
         let again = resolver.resolve("imap1.example.com:993").await;
         assert_eq!(again, Ok(addrs(&["192.0.2.20:993"])));
         assert_eq!(new.queries(), asked, "the new answer is cached for its TTL");
+    }
+
+    /// A lookup that was under way when the reload came finishes for whoever waits for it, but
+    /// its answer, from the old configuration, is not cached: the next login asks the new name
+    /// server.
+    #[tokio::test]
+    async fn an_answer_looked_up_across_a_reload_is_not_cached() {
+        let (old, new) = (NameServer::start().await, NameServer::start().await);
+        old.serve("imap1.example.com", [192, 0, 2, 10], 300);
+        old.answer_after(Duration::from_secs(1));
+        new.serve("imap1.example.com", [192, 0, 2, 20], 300);
+        let patient = Timing {
+            request: Duration::from_secs(3),
+            attempts: 1,
+            lookup: Duration::from_secs(5),
+            ..Timing::DEFAULT
+        };
+        let (resolver, cell) = switchable(old.address, patient);
+        let under_way = tokio::spawn({
+            let resolver = resolver.clone();
+            async move { resolver.resolve("imap1.example.com:143").await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while old.queries() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the old name server was never asked"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        *cell.lock().expect("cell") = Some(new.address);
+        // Nothing cached yet: the old server holds its answer for a second.
+        assert_eq!(resolver.reload().map_err(|e| e.to_string()), Ok(0));
+
+        let finished = under_way.await.expect("lookup task");
+        assert_eq!(finished, Ok(addrs(&["192.0.2.10:143"])));
+        let next = resolver.resolve("imap1.example.com:143").await;
+        assert_eq!(next, Ok(addrs(&["192.0.2.20:143"])));
+        assert!(new.queries() > 0, "the new name server was not asked");
     }
 
     #[tokio::test]
