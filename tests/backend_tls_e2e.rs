@@ -408,6 +408,26 @@ for user, password in [("alice", "alice-pass"), ("dave@example.com", "dave-pass"
     assert!(!postfix.contains("Authenticated sender"), "{postfix}");
 }
 
+/// A Dovecot serving `tls` on its implicit-TLS listener, with alice and dave and the master
+/// user.
+fn imaps_backend(tls: ServerTls) -> Dovecot {
+    Dovecot::start(
+        DovecotOpts::default()
+            .master(MASTER.0, MASTER.1)
+            .user("alice@skydesk.jp", "unused-here")
+            .user("dave@example.com", "unused-here")
+            .with_tls(tls),
+    )
+}
+
+/// Two pools on `dovecot`'s implicit-TLS listener trusting `ca`: one presenting `cert` /
+/// `key`, one without a client certificate.
+fn imaps_pools(dovecot: &Dovecot, ca: &TestCa, cert: &Path, key: &Path) -> (Pool, Pool) {
+    let without = Pool::master(&[dovecot.imaps_addr()], &[], MASTER.0, MASTER.1)
+        .tls("implicit", Some(&ca.ca_path()));
+    (without.clone().client_certificate(cert, key), without)
+}
+
 /// A Dovecot that lets no one log in without a client certificate from the test CA: the pool
 /// with `backend_client_certificate` logs its users in, the pool without is turned away, and a
 /// renewed client certificate is presented after `SIGHUP`.
@@ -417,19 +437,9 @@ fn a_backend_that_requires_a_client_certificate_gets_the_pools() {
     let tls = ca
         .leaf("backend")
         .requiring_client_certificates(&ca.ca_path());
-    let dovecot = Dovecot::start(
-        DovecotOpts::default()
-            .master(MASTER.0, MASTER.1)
-            .user("alice@skydesk.jp", "unused-here")
-            .user("dave@example.com", "unused-here")
-            .with_tls(tls),
-    );
+    let dovecot = imaps_backend(tls);
     let (cert, key) = ca.client("mailgate-client", 2031);
-    let with_certificate = Pool::master(&[dovecot.imaps_addr()], &[], MASTER.0, MASTER.1)
-        .tls("implicit", Some(&ca.ca_path()))
-        .client_certificate(&cert, &key);
-    let without = Pool::master(&[dovecot.imaps_addr()], &[], MASTER.0, MASTER.1)
-        .tls("implicit", Some(&ca.ca_path()));
+    let (with_certificate, without) = imaps_pools(&dovecot, &ca, &cert, &key);
     let mailgate = Mailgate::start(&MailgateOpts::new(with_certificate, without).health(HEALTH));
     let logs = || {
         format!(
@@ -527,19 +537,9 @@ for user, password in [("alice", "alice-pass"), ("dave@example.com", "dave-pass"
 fn a_backend_that_asks_for_a_client_certificate_gets_full_handshakes() {
     let ca = TestCa::new("mailgate backend test CA");
     let tls = ca.leaf("backend").asking_client_certificates(&ca.ca_path());
-    let dovecot = Dovecot::start(
-        DovecotOpts::default()
-            .master(MASTER.0, MASTER.1)
-            .user("alice@skydesk.jp", "unused-here")
-            .user("dave@example.com", "unused-here")
-            .with_tls(tls),
-    );
+    let dovecot = imaps_backend(tls);
     let (cert, key) = ca.client("mailgate-client", 2031);
-    let without = Pool::master(&[dovecot.imaps_addr()], &[], MASTER.0, MASTER.1)
-        .tls("implicit", Some(&ca.ca_path()));
-    let with_certificate = Pool::master(&[dovecot.imaps_addr()], &[], MASTER.0, MASTER.1)
-        .tls("implicit", Some(&ca.ca_path()))
-        .client_certificate(&cert, &key);
+    let (with_certificate, without) = imaps_pools(&dovecot, &ca, &cert, &key);
     let mailgate = Mailgate::start(&MailgateOpts::new(without, with_certificate).health(HEALTH));
     let logs = || {
         format!(
