@@ -101,7 +101,17 @@ pub struct Metrics {
     reloads_ok: IntCounter,
     reloads_error: IntCounter,
     certificate_expiry: GaugeVec,
+    password_hashes: IntCounter,
 }
+
+/// Name and help of `mailgate_password_hashes_total`; the [`crate::accounts::Authenticator`]
+/// counts into it.
+pub const PASSWORD_HASHES: (&str, &str) = (
+    "mailgate_password_hashes_total",
+    "Password hash verifications run (argon2id, bcrypt, SHA512-CRYPT; the dummy one for an \
+     unknown user included). A login answered from the verification cache, or refused by \
+     throttling, runs none.",
+);
 
 /// What one listener counts; cloned into the listener at bind.
 #[derive(Debug, Clone)]
@@ -214,6 +224,10 @@ impl Metrics {
                 ),
                 &["protocol", "pool", "result"],
             )?,
+        )?;
+        let password_hashes = register(
+            registry,
+            IntCounter::with_opts(opts(PASSWORD_HASHES.0, PASSWORD_HASHES.1))?,
         )?;
         let auth_duration = register(
             registry,
@@ -377,7 +391,13 @@ impl Metrics {
             reloads_ok: reloads.with_label_values(&["ok"]),
             reloads_error: reloads.with_label_values(&["error"]),
             certificate_expiry,
+            password_hashes,
         })
+    }
+
+    /// The counter of password hash verifications, for the authenticator to count into.
+    pub fn password_hashes(&self) -> IntCounter {
+        self.password_hashes.clone()
     }
 
     /// The counters of listener `name` (from the config this was built with).
@@ -572,6 +592,7 @@ pools:
             "mailgate_config_reloads_total{result=\"ok\"} 0",
             "mailgate_config_reloads_total{result=\"error\"} 0",
             "mailgate_auth_duration_seconds_count{protocol=\"smtp\"} 0",
+            "mailgate_password_hashes_total 0",
             "mailgate_backend_connect_duration_seconds_count{pool=\"imap\"} 0",
             "mailgate_session_duration_seconds_count{protocol=\"imap\"} 0",
             &format!(

@@ -152,7 +152,7 @@ impl Server {
             None => None,
         };
         let readiness = Arc::new(Readiness::new(&config, &router));
-        let auth = Authenticator::new(store);
+        let auth = Authenticator::new(store).counting_hashes_in(metrics.password_hashes());
         let hostname = hostname(tls.as_ref());
         let smtp_extensions = Arc::new(BackendExtensions::new(&hostname));
         probe_smtp(&config, &router, &smtp_extensions).await;
