@@ -496,11 +496,9 @@ fn client_config(
     client: Option<Arc<ClientCertificate>>,
     requests: Option<Arc<CertificateRequests>>,
 ) -> Result<ClientConfig, rustls::Error> {
-    let builder = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
+    let builder = ClientConfig::builder_with_provider(crate::tls_provider::shared_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
     Ok(match client {
         Some(client) => {
             let mut config = builder.with_client_cert_resolver(client);

@@ -49,6 +49,7 @@ pub mod server;
 pub mod shutdown;
 pub mod smtp;
 pub mod tls;
+pub mod tls_provider;
 pub mod tls_stream;
 
 /// Binds every listener of `config` and serves until `shutdown` says stop.

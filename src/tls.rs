@@ -151,7 +151,7 @@ impl Tls {
     /// # Errors
     /// A file that cannot be read or parsed (naming its path), or a key that does not match.
     pub fn from_config(config: &TlsConfig) -> Result<Tls, TlsError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = crate::tls_provider::shared_provider();
         for cert in &config.certificates {
             if config.self_signed_if_missing && !cert.cert.exists() && !cert.key.exists() {
                 write_dev_certificate(cert)?;
