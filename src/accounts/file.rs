@@ -193,17 +193,19 @@ impl Checker<'_> {
 
     fn organisations(&mut self, raw: Entries<Organisation>) -> HashMap<String, Organisation> {
         let mut out = HashMap::new();
-        let mut seen: HashMap<String, (String, Option<usize>)> = HashMap::new();
+        // Written key and its occurrence number (for its line, looked up only for an error).
+        let mut seen: HashMap<String, (String, usize)> = HashMap::new();
         let mut occurrences: HashMap<String, usize> = HashMap::new();
         for (written, organisation) in raw.0 {
             let nth = bump(&mut occurrences, &written);
-            let line = self.scan.entry("organisations", &written, nth);
+            let line = |scan: &Scan<'_>| scan.entry("organisations", &written, nth);
             let key = format!("organisations.{written}");
             let domain = written.trim().to_lowercase();
             if domain.is_empty()
                 || domain.contains('@')
                 || domain.chars().any(|c| c.is_whitespace() || c.is_control())
             {
+                let line = line(&self.scan);
                 self.error(
                     line,
                     key,
@@ -211,12 +213,14 @@ impl Checker<'_> {
                 );
                 continue;
             }
-            if let Some((first, first_line)) = seen.get(&domain) {
-                let message = duplicate_message(first, *first_line);
+            if let Some((first, first_nth)) = seen.get(&domain) {
+                let first_line = self.scan.entry("organisations", first, *first_nth);
+                let message = duplicate_message(first, first_line);
+                let line = line(&self.scan);
                 self.error(line, key, message);
                 continue;
             }
-            seen.insert(domain.clone(), (written, line));
+            seen.insert(domain.clone(), (written, nth));
             out.insert(domain, organisation);
         }
         out
@@ -224,14 +228,17 @@ impl Checker<'_> {
 
     fn users(&mut self, raw: Entries<RawUser>) -> HashMap<String, Arc<Account>> {
         let mut out = HashMap::new();
-        let mut seen: HashMap<String, (String, Option<usize>)> = HashMap::new();
+        // As in `organisations`: an entry's line is looked up (a scan of the file) only for an
+        // error, so a file of many users parses in linear time.
+        let mut seen: HashMap<String, (String, usize)> = HashMap::new();
         let mut occurrences: HashMap<String, usize> = HashMap::new();
         for (written, user) in raw.0 {
             let nth = bump(&mut occurrences, &written);
-            let line = self.scan.entry("users", &written, nth);
+            let line = |scan: &Scan<'_>| scan.entry("users", &written, nth);
             let key = format!("users.{written}");
             let address = written.trim().to_lowercase();
             if !is_address(&address) {
+                let line = line(&self.scan);
                 self.error(
                     line,
                     key,
@@ -239,14 +246,22 @@ impl Checker<'_> {
                 );
                 continue;
             }
-            if let Some((first, first_line)) = seen.get(&address) {
-                let message = duplicate_message(first, *first_line);
+            if let Some((first, first_nth)) = seen.get(&address) {
+                let first_line = self.scan.entry("users", first, *first_nth);
+                let message = duplicate_message(first, first_line);
+                let line = line(&self.scan);
                 self.error(line, key, message);
                 continue;
             }
             let errors_before = self.errors.len();
-            self.check_user(&user, &key, line);
-            seen.insert(address.clone(), (written, line));
+            self.check_user(&user, &key, None);
+            if self.errors.len() > errors_before {
+                // Checked again, now with the lines the errors point to.
+                self.errors.truncate(errors_before);
+                let line = line(&self.scan);
+                self.check_user(&user, &key, line);
+            }
+            seen.insert(address.clone(), (written, nth));
             if self.errors.len() == errors_before {
                 let account = Account {
                     address: address.clone(),
