@@ -9,15 +9,14 @@
 //!   users show.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use mailgate::accounts::{
     hash_password, Access, Account, AccountStore, DeleteMode, Organisation, PasswordHash, Switch,
 };
-use mailgate::config::{Protocol, SmtpLogin};
+use mailgate::config::{HealthConfig, Protocol, SmtpLogin};
 use mailgate::imap::session::{Event, PreAuth, SessionConfig};
 use mailgate::policy::{self, Credential, Decision};
-use mailgate::routing::{Backend, ImapLogin, Pool};
+use mailgate::routing::{Backend, Backends, ImapLogin, Pool};
 
 fn main() {
     divan::main();
@@ -153,19 +152,19 @@ mod order {
     use super::*;
 
     fn pool(backends: usize) -> Pool {
-        Pool {
-            name: "imap".to_owned(),
-            imap: (0..backends)
-                .map(|i| Backend::new(format!("10.0.{}.{}:143", i / 250, i % 250 + 1)))
-                .collect(),
-            smtp: Vec::new(),
-            transport: mailgate::backend::Transport::plain(
+        let imap = (0..backends)
+            .map(|i| Backend::new(format!("10.0.{}.{}:143", i / 250, i % 250 + 1)))
+            .collect();
+        Pool::new(
+            "imap",
+            Backends::new(imap, Vec::new()),
+            mailgate::backend::Transport::plain(
                 mailgate::resolver::Resolver::system().expect("resolver"),
             ),
-            imap_login: ImapLogin::Passthrough,
-            smtp_login: SmtpLogin::Xclient,
-            connect_timeout: Duration::from_secs(2),
-        }
+            ImapLogin::Passthrough,
+            SmtpLogin::Xclient,
+            HealthConfig::default(),
+        )
     }
 
     #[divan::bench(args = [1, 3, 10, 50])]

@@ -480,7 +480,7 @@ pub enum SmtpLogin {
     Passthrough,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     pub interval: HumanDuration,
@@ -1105,8 +1105,11 @@ fn check_pools(config: &Config, p: &mut Problems<'_>) {
         let key = |field: &str| format!("pools.{name}.{field}");
         for (proto, backends) in [(Protocol::Imap, &pool.imap), (Protocol::Smtp, &pool.smtp)] {
             for (i, backend) in backends.iter().enumerate() {
+                let at = format!("pools.{name}.{}[{i}]", proto.as_str());
                 if let Err(e) = backend.parse::<HostPort>() {
-                    p.push(format!("pools.{name}.{}[{i}]", proto.as_str()), e);
+                    p.push(at, e);
+                } else if backends[..i].contains(backend) {
+                    p.push(at, format!("`{backend}` is listed twice"));
                 }
             }
             if backends.is_empty() && routed.contains(name.as_str()) && has_listener(proto) {
@@ -1894,6 +1897,17 @@ pools:
             );
             assert_eq!(errors.len(), 1, "{errors:#?}");
         }
+    }
+
+    #[test]
+    fn a_backend_listed_twice_is_an_error() {
+        let errors = errors_of(&plain(
+            "  q:\n    imap: [\"a.example:143\", \"b.example:143\", \"a.example:143\"]\n    login: { mode: passthrough }\n",
+        ));
+        assert_eq!(
+            errors,
+            ["t.yaml:15: pools.q.imap[2]: `a.example:143` is listed twice"],
+        );
     }
 
     #[test]

@@ -13,12 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::IntGauge;
+use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use crate::backend::Transport;
 use crate::config::{Config, HealthConfig, Protocol};
 use crate::metrics::Metrics;
-use crate::routing::{Pool, Router};
+use crate::routing::{Backend, Pool, Router};
 use crate::shutdown::{Phase, Shutdown};
 use crate::smtp::backend::BackendExtensions;
 
@@ -95,6 +96,10 @@ pub struct BackendHealth {
     /// Mirror of `tracker.up`, so routing reads it without a lock.
     up: AtomicBool,
     tracker: Mutex<Tracker>,
+    /// Whether a probe task was started for it (one per backend, however often asked).
+    checked: AtomicBool,
+    /// Set when a reload removed the backend from its pool: its probe task stops.
+    retired: watch::Sender<bool>,
 }
 
 impl BackendHealth {
@@ -102,7 +107,29 @@ impl BackendHealth {
         BackendHealth {
             up: AtomicBool::new(true),
             tracker: Mutex::new(Tracker::new(thresholds)),
+            checked: AtomicBool::new(false),
+            retired: watch::Sender::new(false),
         }
+    }
+
+    /// The backend left its pool (reload): its probe task stops.
+    pub fn retire(&self) {
+        self.retired.send_replace(true);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        *self.retired.borrow()
+    }
+
+    /// Resolves once the backend is retired.
+    async fn retirement(&self) {
+        let mut rx = self.retired.subscribe();
+        let _ = rx.wait_for(|retired| *retired).await;
+    }
+
+    /// True the first time only: whoever gets it starts the probe task.
+    fn claim_check(&self) -> bool {
+        !self.checked.swap(true, Ordering::Relaxed)
     }
 
     pub fn is_up(&self) -> bool {
@@ -150,8 +177,9 @@ pub async fn probe(
     result.map_err(|e| e.to_string())
 }
 
-/// Probes one backend every `interval` until `shutdown` reaches `Closing`, recording each
-/// result in `health` and mirroring the state in `gauge`. The first probe runs at once.
+/// Probes one backend every `interval` until `shutdown` reaches `Closing` or the backend is
+/// retired, recording each result in `health` and mirroring the state in `gauge`. The first
+/// probe runs at once.
 pub async fn check_loop<P, F>(
     name: String,
     health: Arc<BackendHealth>,
@@ -167,13 +195,17 @@ pub async fn check_loop<P, F>(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let result = tokio::select! {
+            biased;
+            () = health.retirement() => return,
+            () = shutdown.reached(Phase::Closing) => return,
             _ = ticker.tick() => {
                 tokio::select! {
-                    r = probe() => r,
+                    biased;
+                    () = health.retirement() => return,
                     () = shutdown.reached(Phase::Closing) => return,
+                    r = probe() => r,
                 }
             }
-            () = shutdown.reached(Phase::Closing) => return,
         };
         match (health.record(result.is_ok()), &result) {
             (Some(false), Err(e)) => {
@@ -191,56 +223,69 @@ pub async fn check_loop<P, F>(
 }
 
 /// Starts one probe task per backend of every pool (IMAP and SMTP), each stopping when
-/// `shutdown` reaches `Closing`.
-///
-/// An SMTP backend's probe is an EHLO, whose answer also refreshes the extensions mailgate
-/// offers clients (`smtp_extensions`).
+/// `shutdown` reaches `Closing` or a reload retires its backend.
 pub fn spawn_checkers(
-    config: &Config,
     router: &Router,
     metrics: &Metrics,
     smtp_extensions: &Arc<BackendExtensions>,
     shutdown: &Shutdown,
 ) {
     for pool in router.pools() {
-        let health = config
-            .pools
-            .get(&pool.name)
-            .map(|p| p.health.clone())
-            .unwrap_or_default();
-        let interval = health.interval.0;
-        let timeout = health.timeout.0;
-        for (protocol, backends) in [(Protocol::Imap, &pool.imap), (Protocol::Smtp, &pool.smtp)] {
-            for backend in backends {
-                let address = backend.address.clone();
-                let name = format!("{}/{}/{}", pool.name, protocol.as_str(), address);
-                let extensions = smtp_extensions.clone();
-                let transport = pool.transport.clone();
-                tokio::spawn(check_loop(
-                    name,
-                    backend.health().clone(),
-                    metrics.backend_up(&pool.name, &address),
-                    interval,
-                    move || {
-                        let address = address.clone();
-                        let extensions = extensions.clone();
-                        let transport = transport.clone();
-                        async move {
-                            match protocol {
-                                Protocol::Imap => {
-                                    probe(&address, protocol, &transport, timeout).await
-                                }
-                                Protocol::Smtp => {
-                                    extensions.probe(&address, &transport, timeout).await
-                                }
-                            }
-                        }
-                    },
-                    shutdown.clone(),
-                ));
+        let backends = pool.backends();
+        for protocol in [Protocol::Imap, Protocol::Smtp] {
+            for backend in backends.get(protocol) {
+                spawn_checker(pool, protocol, backend, metrics, smtp_extensions, shutdown);
             }
         }
     }
+}
+
+/// Starts the probe task of one backend of `pool`, unless it runs already, with the pool's
+/// health settings. An SMTP backend's probe is an EHLO, whose answer also refreshes the
+/// extensions mailgate offers clients (`smtp_extensions`).
+pub fn spawn_checker(
+    pool: &Pool,
+    protocol: Protocol,
+    backend: &Backend,
+    metrics: &Metrics,
+    smtp_extensions: &Arc<BackendExtensions>,
+    shutdown: &Shutdown,
+) {
+    let health = backend.health().clone();
+    if !health.claim_check() {
+        return;
+    }
+    let address = backend.address.clone();
+    let name = format!("{}/{}/{}", pool.name, protocol.as_str(), address);
+    let extensions = smtp_extensions.clone();
+    let transport = pool.transport.clone();
+    let timeout = pool.health.timeout.0;
+    let gauge = metrics.backend_up(&pool.name, &address);
+    gauge.set(i64::from(health.is_up()));
+    let probed = health.clone();
+    tokio::spawn(check_loop(
+        name,
+        health,
+        Some(gauge),
+        pool.health.interval.0,
+        move || {
+            let address = address.clone();
+            let extensions = extensions.clone();
+            let transport = transport.clone();
+            let probed = probed.clone();
+            async move {
+                match protocol {
+                    Protocol::Imap => probe(&address, protocol, &transport, timeout).await,
+                    Protocol::Smtp => {
+                        extensions
+                            .probe_for(&address, &transport, timeout, Some(&probed))
+                            .await
+                    }
+                }
+            }
+        },
+        shutdown.clone(),
+    ));
 }
 
 /// Whether this instance should get traffic: listeners bound (and not draining), and every
@@ -301,11 +346,9 @@ impl Readiness {
         let listening = self.listening.load(Ordering::Relaxed);
         let mut pools = Vec::new();
         for pool in &self.pools {
+            let now = pool.backends();
             for protocol in [Protocol::Imap, Protocol::Smtp] {
-                let backends = match protocol {
-                    Protocol::Imap => &pool.imap,
-                    Protocol::Smtp => &pool.smtp,
-                };
+                let backends = now.get(protocol);
                 let served = self.protocols.contains(&protocol) && !backends.is_empty();
                 if served && !backends.iter().any(|b| b.health().is_up()) {
                     pools.push((pool.name.clone(), protocol));
@@ -413,6 +456,50 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("the check loop did not stop on shutdown"))
             .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_backend_stops_being_probed_even_mid_probe() {
+        let health = Arc::new(BackendHealth::new(Thresholds { fall: 1, rise: 1 }));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (_trigger, shutdown) = shutdown::channel();
+        let task = tokio::spawn(check_loop(
+            "p/imap/x".into(),
+            health.clone(),
+            None,
+            Duration::from_secs(5),
+            {
+                let calls = calls.clone();
+                move || {
+                    let n = calls.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        // The second probe hangs: retirement must end it.
+                        if n == 1 {
+                            std::future::pending::<()>().await;
+                        }
+                        Ok(())
+                    }
+                }
+            },
+            shutdown,
+        ));
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(!health.is_retired());
+        health.retire();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .unwrap_or_else(|_| panic!("the check loop did not stop on retirement"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "probed after retirement");
+    }
+
+    #[test]
+    fn a_backends_check_is_claimed_once() {
+        let health = BackendHealth::new(Thresholds::default());
+        assert!(health.claim_check());
+        assert!(!health.claim_check());
     }
 
     #[tokio::test]

@@ -136,7 +136,7 @@ fn hash_password() -> ExitCode {
     }
 }
 
-/// `SIGHUP`: account data, certificates, the pools' CAs and the DNS configuration again (see
+/// `SIGHUP`: account data, certificates, the pools' CAs and backends and the DNS configuration again (see
 /// `mailgate::reload`); one log line either way.
 async fn reload(context: &Arc<mailgate::server::Context>, path: &std::path::Path) {
     let (context, path) = (context.clone(), path.to_path_buf());
@@ -146,7 +146,9 @@ async fn reload(context: &Arc<mailgate::server::Context>, path: &std::path::Path
             organisations = r.organisations,
             certificates = r.certificates,
             dns_names = r.dns_names,
-            "SIGHUP: reloaded account data, certificates and DNS configuration (other settings apply at restart)"
+            backends_added = r.backends_added,
+            backends_removed = r.backends_removed,
+            "SIGHUP: reloaded account data, certificates, pool backends and DNS configuration (other settings apply at restart)"
         ),
         Ok(Err(e)) => tracing::error!("SIGHUP: reload failed, nothing changed: {e:#}"),
         Err(e) => tracing::error!("SIGHUP: reload failed, nothing changed: {e}"),

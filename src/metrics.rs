@@ -96,7 +96,8 @@ pub struct Metrics {
     auth_duration: PerProtocol<Histogram>,
     backend_connect: HashMap<String, Histogram>,
     /// (pool, backend address) → 1 up, 0 down.
-    backend_up: HashMap<(String, String), IntGauge>,
+    /// By pool and backend; a reload adds and removes backends.
+    backend_up: IntGaugeVec,
     relay_bytes: PerProtocol<Directions>,
     reloads_ok: IntCounter,
     reloads_error: IntCounter,
@@ -365,17 +366,12 @@ impl Metrics {
             .keys()
             .map(|pool| (pool.clone(), backend_connect.with_label_values(&[pool])))
             .collect();
-        let backend_up = config
-            .pools
-            .iter()
-            .flat_map(|(pool, p)| p.imap.iter().chain(&p.smtp).map(move |b| (pool, b)))
-            .map(|(pool, backend)| {
+        for (pool, p) in &config.pools {
+            for backend in p.imap.iter().chain(&p.smtp) {
                 // Backends start up (see `health`).
-                let gauge = backend_up.with_label_values(&[pool, backend]);
-                gauge.set(1);
-                ((pool.clone(), backend.clone()), gauge)
-            })
-            .collect();
+                backend_up.with_label_values(&[pool, backend]).set(1);
+            }
+        }
         let relay_bytes = PerProtocol::build(|p| Directions {
             client_to_backend: relay_bytes.with_label_values(&[p.as_str(), "client_to_backend"]),
             backend_to_client: relay_bytes.with_label_values(&[p.as_str(), "backend_to_client"]),
@@ -425,11 +421,16 @@ impl Metrics {
         self.backend_connect.get(pool)
     }
 
-    /// The up gauge of one backend, for its health check.
-    pub fn backend_up(&self, pool: &str, backend: &str) -> Option<IntGauge> {
-        self.backend_up
-            .get(&(pool.to_string(), backend.to_string()))
-            .cloned()
+    /// The up gauge of one backend, for its health check (made when a reload added the
+    /// backend).
+    pub fn backend_up(&self, pool: &str, backend: &str) -> IntGauge {
+        self.backend_up.with_label_values(&[pool, backend])
+    }
+
+    /// Drops the up gauge of a backend a reload removed from `pool`, so no series stays for a
+    /// backend that is gone.
+    pub fn remove_backend(&self, pool: &str, backend: &str) {
+        let _ = self.backend_up.remove_label_values(&[pool, backend]);
     }
 
     /// Adds a finished splice's bytes (those the client pipelined after its login included).
@@ -633,10 +634,15 @@ pools:
         crate::relay::Meter::client_to_backend(m.relay_meter(Protocol::Smtp), 120);
         crate::relay::Meter::backend_to_client(m.relay_meter(Protocol::Smtp), 7);
         m.reloaded(false);
-        if let Some(g) = m.backend_up("imap", "192.0.2.1:143") {
-            g.set(0);
-        }
+        m.backend_up("imap", "192.0.2.1:143").set(0);
+        // A reload added one backend and removed another.
+        m.backend_up("imap", "192.0.2.9:143").set(1);
+        m.remove_backend("imap", "192.0.2.1:587");
         let text = text(&m);
+        assert!(
+            !text.contains("backend=\"192.0.2.1:587\""),
+            "a removed backend's series stays:\n{text}"
+        );
         for line in [
             "mailgate_connections_total{listener=\"imaps\",protocol=\"imap\"} 2",
             "mailgate_connections_active{listener=\"imaps\",protocol=\"imap\"} 1",
@@ -657,6 +663,7 @@ pools:
             "mailgate_relay_bytes_total{direction=\"client_to_backend\",protocol=\"imap\"} 0",
             "mailgate_config_reloads_total{result=\"error\"} 1",
             "mailgate_backend_up{backend=\"192.0.2.1:143\",pool=\"imap\"} 0",
+            "mailgate_backend_up{backend=\"192.0.2.9:143\",pool=\"imap\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
         }

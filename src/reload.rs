@@ -1,14 +1,20 @@
 //! `SIGHUP`: reload what changes while mailgate runs — the account data (a user turns IMAP on,
 //! changes a password, adds an app password), the certificates (a renewal, of those served to
-//! clients and of the pools' `backend_client_certificate`) and the CAs the pools trust
-//! (`backend_ca`, or the system's trust store) — without touching a session.
+//! clients and of the pools' `backend_client_certificate`), the CAs the pools trust
+//! (`backend_ca`, or the system's trust store) and the pools' backend lists (a backend added,
+//! drained or replaced) — without touching a session.
 //! The config file is read and checked again in full; from it the account file and the
 //! certificate files are loaded, and only when everything loaded is it all swapped in, so a
 //! reload that fails changes nothing. Then the backend-name resolver reads
 //! `/etc/hosts` and `/etc/resolv.conf` again and forgets its cached answers; when it cannot,
 //! it keeps what it had, with a warning, and the reload still counts as done: a broken
-//! `/etc/resolv.conf` must not hold back an account change. Other settings (listeners, the
-//! pools' backends, modes and logins, limits, messages) take effect at the next start.
+//! `/etc/resolv.conf` must not hold back an account change.
+//!
+//! A pool's new backend lists are in place for the next login: a backend that stays keeps its
+//! health state and check; one that is new starts up and is probed at once; one that is gone
+//! stops being probed and chosen, its `mailgate_backend_up` series is dropped, and the sessions
+//! spliced to it go on until they end. Other settings (listeners, routing, new pools, a pool's
+//! `backend_tls`, logins and health settings, limits, messages) take effect at the next start.
 
 use std::path::Path;
 
@@ -16,7 +22,9 @@ use anyhow::Context as _;
 
 use crate::accounts::AccountStore;
 use crate::backend::load_client_certificate;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LoginConfig, Protocol};
+use crate::health;
+use crate::routing::{BackendChange, ImapLogin, Pool};
 use crate::server::{report_certificates, Context};
 use crate::tls;
 
@@ -29,6 +37,9 @@ pub struct Reloaded {
     /// Backend host names whose cached addresses were dropped (`None`: the DNS configuration
     /// could not be read, and the resolver kept the old one).
     pub dns_names: Option<usize>,
+    /// Backends the pools gained and lost (per pool and protocol).
+    pub backends_added: usize,
+    pub backends_removed: usize,
 }
 
 /// Reloads from the config file at `path` into the running `context`, and counts the result in
@@ -63,19 +74,48 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
     // pool setting.
     let mut roots = Vec::new();
     let mut clients = Vec::new();
+    let mut changes = Vec::new();
+    for name in config.pools.keys() {
+        if !context.router.pools().any(|pool| &pool.name == name) {
+            tracing::warn!(pool = %name, "SIGHUP: pools.{name} is new; it serves from the next start");
+        }
+    }
     for pool in context.router.pools() {
         let Some(configured) = config.pools.get(&pool.name) else {
             tracing::warn!(pool = %pool.name, "SIGHUP: the pool is gone from the config; it serves until a restart");
             continue;
         };
+        if configured.health != pool.health {
+            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.health changed; it takes effect at a restart", pool.name);
+        }
+        let same_login = match (&configured.login, &pool.imap_login) {
+            (LoginConfig::Passthrough, ImapLogin::Passthrough) => true,
+            (LoginConfig::Master { user, .. }, ImapLogin::Master { user: running, .. }) => {
+                user == running
+            }
+            _ => false,
+        };
+        if !same_login {
+            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.login changed; it takes effect at a restart", pool.name);
+        }
+        if configured.smtp_login != pool.smtp_login {
+            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.smtp_login changed; it takes effect at a restart", pool.name);
+        }
         if configured.backend_tls != pool.transport.mode() {
-            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.backend_tls changed; it takes effect at a restart", pool.name);
-        } else if let Some(prepared) = pool
-            .transport
-            .prepare_roots(configured.backend_ca.as_deref())
-            .with_context(|| format!("pools.{}", pool.name))?
-        {
-            roots.push((&pool.transport, prepared));
+            // New backends would be spoken to as the old ones are: the lists wait too.
+            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.backend_tls changed; it and the pool's backends take effect at a restart", pool.name);
+        } else {
+            if let Some(prepared) = pool
+                .transport
+                .prepare_roots(configured.backend_ca.as_deref())
+                .with_context(|| format!("pools.{}", pool.name))?
+            {
+                roots.push((&pool.transport, prepared));
+            }
+            let change = pool.prepare_backends(configured);
+            if !change.is_empty() {
+                changes.push((pool, change));
+            }
         }
         let Some(running) = pool.transport.client_certificate() else {
             continue;
@@ -96,6 +136,8 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
             .map_or(0, |(_, set)| set.certificates.len())
             + clients.len(),
         dns_names: None,
+        backends_added: changes.iter().map(|(_, c)| c.added.len()).sum(),
+        backends_removed: changes.iter().map(|(_, c)| c.removed.len()).sum(),
     };
     context.auth.replace_store(store);
     if let Some((running, set)) = certificates {
@@ -107,6 +149,10 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
     for (transport, prepared) in roots {
         transport.install_roots(prepared);
     }
+    for (pool, change) in &mut changes {
+        pool.install_backends(change);
+    }
+    settle_backends(context, &changes);
     report_certificates(&context.metrics, context.tls.as_ref(), &context.router);
     match context.router.resolver().reload() {
         Ok(names) => reloaded.dns_names = Some(names),
@@ -115,6 +161,46 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
         }
     }
     Ok(reloaded)
+}
+
+/// After new backend lists are in place: starts the checks of the added backends, stops those
+/// of the removed ones, drops their `mailgate_backend_up` series and the SMTP extension lists
+/// of backends no pool has any more.
+fn settle_backends(context: &Context, changes: &[(&std::sync::Arc<Pool>, BackendChange)]) {
+    for (pool, change) in changes {
+        let now = pool.backends();
+        for (protocol, backend) in &change.removed {
+            backend.health().retire();
+            if !now.contains(&backend.address) {
+                context.metrics.remove_backend(&pool.name, &backend.address);
+            }
+            tracing::info!(pool = %pool.name, protocol = protocol.as_str(), backend = %backend.address, "SIGHUP: backend removed; its sessions go on until they end");
+        }
+        for (protocol, backend) in &change.added {
+            tracing::info!(pool = %pool.name, protocol = protocol.as_str(), backend = %backend.address, "SIGHUP: backend added");
+            health::spawn_checker(
+                pool,
+                *protocol,
+                backend,
+                &context.metrics,
+                &context.smtp_extensions,
+                &context.shutdown,
+            );
+        }
+    }
+    let gone: Vec<&str> = changes
+        .iter()
+        .flat_map(|(_, change)| &change.removed)
+        .filter(|(protocol, _)| *protocol == Protocol::Smtp)
+        .map(|(_, backend)| backend.address.as_str())
+        .filter(|address| {
+            !context
+                .router
+                .pools()
+                .any(|pool| pool.backends().smtp.iter().any(|b| &b.address == address))
+        })
+        .collect();
+    context.smtp_extensions.forget(&gone);
 }
 
 fn listed(what: &str, errors: &[ConfigError]) -> anyhow::Error {

@@ -10,10 +10,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::backend::Transport;
-use crate::config::{Config, LoginConfig, Protocol, Secret, SmtpLogin};
+use crate::config::{Config, HealthConfig, LoginConfig, PoolConfig, Protocol, Secret, SmtpLogin};
 use crate::health::{BackendHealth, Thresholds};
 use crate::resolver::{Resolver, SetupError};
 use crate::tls::LoadedCertificate;
@@ -68,29 +69,100 @@ pub enum ImapLogin {
     Passthrough,
 }
 
+/// A pool's backends, per protocol. A reload (`SIGHUP`) replaces the lists whole; a backend
+/// kept across it keeps its health state.
+#[derive(Debug, Default)]
+pub struct Backends {
+    pub imap: Vec<Backend>,
+    pub smtp: Vec<Backend>,
+}
+
+impl Backends {
+    pub fn new(imap: Vec<Backend>, smtp: Vec<Backend>) -> Backends {
+        Backends { imap, smtp }
+    }
+
+    pub fn get(&self, protocol: Protocol) -> &[Backend] {
+        match protocol {
+            Protocol::Imap => &self.imap,
+            Protocol::Smtp => &self.smtp,
+        }
+    }
+
+    /// Whether `address` is one of the backends of either protocol.
+    pub fn contains(&self, address: &str) -> bool {
+        self.imap
+            .iter()
+            .chain(&self.smtp)
+            .any(|b| b.address == address)
+    }
+}
+
+/// What a reload changes in a pool's backend lists, computed before anything is swapped
+/// ([`Pool::prepare_backends`]) and put in place by [`Pool::install_backends`].
+#[derive(Debug)]
+pub struct BackendChange {
+    next: Backends,
+    /// Backends new to the pool: they need a health check.
+    pub added: Vec<(Protocol, Backend)>,
+    /// Backends gone from the pool: their health checks stop.
+    pub removed: Vec<(Protocol, Backend)>,
+}
+
+impl BackendChange {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
+}
+
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
-    pub imap: Vec<Backend>,
-    pub smtp: Vec<Backend>,
+    backends: ArcSwap<Backends>,
     /// Plaintext or TLS to the backends (`backend_tls`, `backend_ca`), for logins and health
     /// probes alike.
     pub transport: Transport,
     pub imap_login: ImapLogin,
     pub smtp_login: SmtpLogin,
+    /// The pool's health checks (interval, timeout, fall, rise), as at start: backends added
+    /// by a reload are checked the same way.
+    pub health: HealthConfig,
     /// How long a backend connect may take (the pool's health timeout).
     pub connect_timeout: Duration,
 }
 
 impl Pool {
+    /// A pool with `backends`, checked as `health` says.
+    pub fn new(
+        name: impl Into<String>,
+        backends: Backends,
+        transport: Transport,
+        imap_login: ImapLogin,
+        smtp_login: SmtpLogin,
+        health: HealthConfig,
+    ) -> Pool {
+        Pool {
+            name: name.into(),
+            backends: ArcSwap::from_pointee(backends),
+            transport,
+            imap_login,
+            smtp_login,
+            connect_timeout: health.timeout.0,
+            health,
+        }
+    }
+
+    /// The backends now (a reload may replace them; this list stays as it was taken).
+    pub fn backends(&self) -> Arc<Backends> {
+        self.backends.load_full()
+    }
+
     /// The pool's backends for `protocol`, best first for `user`: the healthy ones in
     /// rendezvous order, then the ones marked down, in rendezvous order too.
-    pub fn order(&self, protocol: Protocol, user: &str) -> Vec<&Backend> {
-        let backends = match protocol {
-            Protocol::Imap => &self.imap,
-            Protocol::Smtp => &self.smtp,
-        };
+    pub fn order(&self, protocol: Protocol, user: &str) -> Vec<Backend> {
+        let backends = self.backends.load();
         let mut ranked: Vec<(bool, u64, &Backend)> = backends
+            .get(protocol)
             .iter()
             .map(|b| (b.health.is_up(), b.weight(user), b))
             .collect();
@@ -101,7 +173,62 @@ impl Pool {
                 .then_with(|| b.1.cmp(&a.1))
                 .then_with(|| a.2.address.cmp(&b.2.address))
         });
-        ranked.into_iter().map(|(_, _, b)| b).collect()
+        ranked.into_iter().map(|(_, _, b)| b.clone()).collect()
+    }
+
+    /// The backend lists `config` names, against the running ones: a backend that stays keeps
+    /// its health (state and check); a new one starts up, with the pool's running thresholds.
+    /// Changes nothing until [`Pool::install_backends`].
+    pub fn prepare_backends(&self, config: &PoolConfig) -> BackendChange {
+        let running = self.backends();
+        let thresholds = Thresholds::from(&self.health);
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        let mut next = Backends::default();
+        for protocol in [Protocol::Imap, Protocol::Smtp] {
+            let now = running.get(protocol);
+            let wanted = match protocol {
+                Protocol::Imap => &config.imap,
+                Protocol::Smtp => &config.smtp,
+            };
+            let list = match protocol {
+                Protocol::Imap => &mut next.imap,
+                Protocol::Smtp => &mut next.smtp,
+            };
+            for address in wanted {
+                if list.iter().any(|b: &Backend| &b.address == address) {
+                    continue; // Listed twice: one backend, as at start.
+                }
+                let backend = match now.iter().find(|b| &b.address == address) {
+                    Some(kept) => kept.clone(),
+                    None => {
+                        let new = Backend::with_thresholds(address, thresholds);
+                        added.push((protocol, new.clone()));
+                        new
+                    }
+                };
+                list.push(backend);
+            }
+            removed.extend(
+                now.iter()
+                    .filter(|b| !wanted.contains(&b.address))
+                    .map(|b| (protocol, b.clone())),
+            );
+        }
+        BackendChange {
+            next,
+            added,
+            removed,
+        }
+    }
+
+    /// Puts prepared backend lists in place: the next login's order uses them. Logins already
+    /// past their order, and spliced sessions, keep the backend they have.
+    /// `change` keeps its `added` and `removed` lists, for the caller to start and stop health
+    /// checks.
+    pub fn install_backends(&self, change: &mut BackendChange) {
+        self.backends
+            .store(Arc::new(std::mem::take(&mut change.next)));
     }
 }
 
@@ -197,15 +324,14 @@ impl Router {
             })?;
             pools.insert(
                 name.clone(),
-                Arc::new(Pool {
-                    name: name.clone(),
-                    imap: backends(&pool.imap),
-                    smtp: backends(&pool.smtp),
+                Arc::new(Pool::new(
+                    name.clone(),
+                    Backends::new(backends(&pool.imap), backends(&pool.smtp)),
                     transport,
                     imap_login,
-                    smtp_login: pool.smtp_login,
-                    connect_timeout: pool.health.timeout.0,
-                }),
+                    pool.smtp_login,
+                    pool.health.clone(),
+                )),
             );
         }
         let find = |name: &str| {
@@ -349,15 +475,17 @@ pools:
     }
 
     fn pool(backends: &[&str]) -> Pool {
-        Pool {
-            name: "p".into(),
-            imap: backends.iter().map(|b| Backend::new(*b)).collect(),
-            smtp: Vec::new(),
-            transport: Transport::plain(Resolver::system().expect("resolver")),
-            imap_login: ImapLogin::Passthrough,
-            smtp_login: SmtpLogin::Xclient,
-            connect_timeout: Duration::from_secs(1),
-        }
+        Pool::new(
+            "p",
+            Backends::new(
+                backends.iter().map(|b| Backend::new(*b)).collect(),
+                Vec::new(),
+            ),
+            Transport::plain(Resolver::system().expect("resolver")),
+            ImapLogin::Passthrough,
+            SmtpLogin::Xclient,
+            HealthConfig::default(),
+        )
     }
 
     #[test]
@@ -407,35 +535,93 @@ pools:
         }
     }
 
+    /// Marks the IMAP backend `address` of `pool` down (two failed probes: the default
+    /// thresholds) and returns its health.
+    fn marked_down(pool: &Pool, address: &str) -> Arc<BackendHealth> {
+        let health = pool
+            .backends()
+            .imap
+            .iter()
+            .find(|b| b.address == address)
+            .map(|b| b.health().clone())
+            .unwrap_or_else(|| panic!("no {address}"));
+        health.record(false);
+        health.record(false);
+        assert!(!health.is_up());
+        health
+    }
+
+    #[test]
+    fn new_backend_lists_keep_the_health_of_backends_that_stay() {
+        let running = pool(&["10.0.0.1:143", "10.0.0.2:143"]);
+        let kept = marked_down(&running, "10.0.0.2:143");
+        let config = PoolConfig {
+            imap: vec!["10.0.0.2:143".into(), "10.0.0.3:143".into()],
+            smtp: vec!["10.0.0.9:587".into()],
+            backend_tls: Default::default(),
+            backend_ca: None,
+            backend_client_certificate: None,
+            login: LoginConfig::Passthrough,
+            smtp_login: SmtpLogin::Xclient,
+            health: HealthConfig::default(),
+        };
+        let mut change = running.prepare_backends(&config);
+        let names = |list: &[(Protocol, Backend)]| -> Vec<String> {
+            list.iter()
+                .map(|(p, b)| format!("{}/{}", p.as_str(), b.address))
+                .collect()
+        };
+        assert_eq!(
+            names(&change.added),
+            ["imap/10.0.0.3:143", "smtp/10.0.0.9:587"]
+        );
+        assert_eq!(names(&change.removed), ["imap/10.0.0.1:143"]);
+        // Nothing changes before the install.
+        assert_eq!(running.backends().imap.len(), 2);
+        assert!(running.backends().smtp.is_empty());
+        running.install_backends(&mut change);
+        let now = running.backends();
+        let addresses: Vec<&str> = now.imap.iter().map(|b| b.address.as_str()).collect();
+        assert_eq!(addresses, ["10.0.0.2:143", "10.0.0.3:143"]);
+        // The kept backend is the same one: still down, sharing its check's state.
+        let same = now.imap.iter().find(|b| b.address == "10.0.0.2:143");
+        assert!(same.is_some_and(|b| Arc::ptr_eq(b.health(), &kept)));
+        for i in 0..50 {
+            let user = format!("user{i}@example.com");
+            let order = running.order(Protocol::Imap, &user);
+            assert_eq!(order.len(), 2);
+            // The new one is up, the kept one still down: it goes last.
+            assert_eq!(order[0].address, "10.0.0.3:143", "{user}");
+        }
+        assert_eq!(running.order(Protocol::Smtp, "a@example.com").len(), 1);
+        // The same lists again change nothing.
+        assert!(running.prepare_backends(&config).is_empty());
+    }
+
     #[test]
     fn down_backends_go_last_and_the_rest_keep_their_rendezvous_order() {
         let three = pool(&["10.0.0.1:143", "10.0.0.2:143", "10.0.0.3:143"]);
         let two = pool(&["10.0.0.1:143", "10.0.0.3:143"]);
-        let down = three
-            .imap
-            .iter()
-            .find(|b| b.address == "10.0.0.2:143")
-            .map(|b| b.health().clone())
-            .unwrap_or_else(|| panic!("no 10.0.0.2"));
-        // Default thresholds: two failures in a row mark it down.
-        down.record(false);
-        down.record(false);
-        assert!(!down.is_up());
+        marked_down(&three, "10.0.0.2:143");
         for i in 0..300 {
             let user = format!("user{i}@example.com");
-            let order: Vec<&str> = three
+            let order: Vec<String> = three
                 .order(Protocol::Imap, &user)
-                .iter()
-                .map(|b| b.address.as_str())
+                .into_iter()
+                .map(|b| b.address)
                 .collect();
-            let healthy: Vec<&str> = two
+            let healthy: Vec<String> = two
                 .order(Protocol::Imap, &user)
-                .iter()
-                .map(|b| b.address.as_str())
+                .into_iter()
+                .map(|b| b.address)
                 .collect();
             // Rendezvous over the healthy backends, and the down one still tried last.
             assert_eq!(order.get(..2), Some(&healthy[..]), "{user}");
-            assert_eq!(order.get(2), Some(&"10.0.0.2:143"), "{user}");
+            assert_eq!(
+                order.get(2).map(String::as_str),
+                Some("10.0.0.2:143"),
+                "{user}"
+            );
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Connection caps, sessions per user and address, failed-login budgets.
     pub limiter: Limiter,
+    /// The server's own shutdown phase (what `serve` passes on), for tasks started later: the
+    /// health checks of backends a reload adds.
+    pub shutdown: Shutdown,
 }
 
 /// Sets the certificate expiry gauges to the certificates in use now: those served to clients
@@ -94,6 +97,8 @@ pub struct Server {
     /// The bound `/metrics` endpoint, when `metrics.address` is configured.
     metrics_socket: Option<TcpListener>,
     readiness: Arc<Readiness>,
+    /// Moves `context.shutdown` on (`serve`).
+    trigger: shutdown::Trigger,
 }
 
 impl Server {
@@ -157,6 +162,7 @@ impl Server {
         let smtp_extensions = Arc::new(BackendExtensions::new(&hostname));
         probe_smtp(&config, &router, &smtp_extensions).await;
         let limiter = Limiter::new(&config.limits);
+        let (trigger, inner) = shutdown::channel();
         Ok(Server {
             context: Arc::new(Context {
                 config,
@@ -167,7 +173,9 @@ impl Server {
                 smtp_extensions,
                 metrics: Arc::new(metrics),
                 limiter,
+                shutdown: inner,
             }),
+            trigger,
             listeners,
             metrics_socket,
             readiness,
@@ -192,10 +200,9 @@ impl Server {
     /// Serves until `shutdown`: on `Draining`, stops accepting and lets sessions finish until
     /// `shutdown.drain_timeout`; then (or on `Closing`) closes the rest.
     pub async fn serve(self, mut outer: Shutdown) {
-        let (trigger, inner) = shutdown::channel();
+        let (trigger, inner) = (self.trigger, self.context.shutdown.clone());
         let tracker = TaskTracker::new();
         crate::health::spawn_checkers(
-            &self.context.config,
             &self.context.router,
             &self.context.metrics,
             &self.context.smtp_extensions,
@@ -276,7 +283,7 @@ async fn probe_smtp(config: &Config, router: &Router, extensions: &BackendExtens
     }
     let mut answered = false;
     for pool in router.pools() {
-        for backend in &pool.smtp {
+        for backend in &pool.backends().smtp {
             match extensions
                 .probe(&backend.address, &pool.transport, pool.connect_timeout)
                 .await

@@ -546,20 +546,22 @@ fn an_unreachable_backend_makes_the_login_try_the_next_in_the_users_order() {
     let live = consumer.imap_addr().to_string();
     let dead = loop {
         let candidate = dead_port().to_string();
-        let probe = mailgate::routing::Pool {
-            name: "imap".into(),
-            imap: vec![
-                mailgate::routing::Backend::new(candidate.clone()),
-                mailgate::routing::Backend::new(live.clone()),
-            ],
-            smtp: Vec::new(),
-            transport: mailgate::backend::Transport::plain(
+        let probe = mailgate::routing::Pool::new(
+            "imap",
+            mailgate::routing::Backends::new(
+                vec![
+                    mailgate::routing::Backend::new(candidate.clone()),
+                    mailgate::routing::Backend::new(live.clone()),
+                ],
+                Vec::new(),
+            ),
+            mailgate::backend::Transport::plain(
                 mailgate::resolver::Resolver::system().expect("resolver"),
             ),
-            imap_login: mailgate::routing::ImapLogin::Passthrough,
-            smtp_login: mailgate::config::SmtpLogin::Xclient,
-            connect_timeout: Duration::from_secs(1),
-        };
+            mailgate::routing::ImapLogin::Passthrough,
+            mailgate::config::SmtpLogin::Xclient,
+            mailgate::config::HealthConfig::default(),
+        );
         if probe.order(mailgate::config::Protocol::Imap, "alice@skydesk.jp")[0].address == candidate
         {
             break candidate.parse::<SocketAddr>().expect("addr");

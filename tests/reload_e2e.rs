@@ -3,15 +3,20 @@
 //! reload without a restart; a broken account file is refused with file and line and changes
 //! nothing; a renewed certificate is served to the next handshake; the backend, written as
 //! `localhost:PORT`, is looked up again under the re-read `/etc/hosts`; the reload counter says
-//! what happened.
+//! what happened. A pool's backend list changed in the config is in place after a reload: new
+//! logins go to the new backend, a session spliced to the removed one goes on, and the
+//! `mailgate_backend_up` series follow the list.
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
-use common::{run_python_args, Dovecot, DovecotOpts};
+use common::{run_cmd, run_python_args, Dovecot, DovecotOpts};
 use rcgen::{CertificateParams, KeyPair};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
@@ -149,4 +154,180 @@ fn sighup_reloads_accounts_and_certificates_and_a_bad_file_changes_nothing() {
     assert_eq!(reloads(&mailgate, "ok"), 1);
     assert_eq!(reloads(&mailgate, "error"), 1);
     assert_eq!(count(&mailgate.log(), "SIGHUP: reloaded"), 1);
+}
+
+/// Logs in on port `sys.argv[1]` and prints the INBOX's message count, waits for a line on stdin
+/// (at most 60 s), then counts again on the same session (NOOP, then a fresh SELECT).
+const LONG_SESSION: &str = r#"
+import imaplib, select, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+m = imaplib.IMAP4_SSL("127.0.0.1", int(sys.argv[1]), ssl_context=ctx, timeout=20)
+m.login(sys.argv[2], sys.argv[3])
+typ, data = m.select("INBOX")
+print("before:", typ, data[0].decode(), flush=True)
+ready, _, _ = select.select([sys.stdin], [], [], 60)
+if not ready:
+    sys.exit("no go-ahead in 60 s")
+sys.stdin.readline()
+typ, _ = m.noop()
+m.close()
+typ, data = m.select("INBOX")
+print("after:", typ, data[0].decode(), flush=True)
+m.logout()
+"#;
+
+/// Logs in on port `sys.argv[1]` and prints the INBOX's message count.
+const COUNT: &str = r#"
+import imaplib, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+m = imaplib.IMAP4_SSL("127.0.0.1", int(sys.argv[1]), ssl_context=ctx, timeout=20)
+m.login(sys.argv[2], sys.argv[3])
+typ, data = m.select("INBOX", readonly=True)
+print("count:", typ, data[0].decode())
+m.logout()
+"#;
+
+fn backend_with(messages: usize) -> Dovecot {
+    let dovecot = Dovecot::start(
+        DovecotOpts::default()
+            .master(MASTER.0, MASTER.1)
+            .user(USER.0, USER.1),
+    );
+    for i in 0..messages {
+        let message = format!("From: a@example.com\r\nSubject: {i}\r\n\r\nbody {i}\r\n");
+        dovecot.deliver(USER.0, "INBOX", message.as_bytes());
+    }
+    dovecot
+}
+
+/// A loopback port nobody listens on.
+fn dead_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"))
+}
+
+fn metrics_text(mailgate: &Mailgate) -> String {
+    let url = format!("http://{}/metrics", mailgate.metrics_addr());
+    run_cmd("curl", &["-sS", &url], Duration::from_secs(30)).stdout
+}
+
+fn up_series(backend: SocketAddr) -> String {
+    format!("mailgate_backend_up{{backend=\"{backend}\",pool=\"imap\"}}")
+}
+
+/// Polls `/metrics` until `series` reads `value` (10 s at most); returns the last text.
+fn wait_for_sample(mailgate: &Mailgate, series: &str, value: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics_text(mailgate);
+        if text.lines().any(|l| l == format!("{series} {value}")) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{series} {value}` in 10 s:\n{text}\n--- mailgate ---\n{}",
+            mailgate.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sighup_puts_a_pools_new_backend_list_in_place_and_spliced_sessions_go_on() {
+    // Old backend A holds one message for alice, new backend B three.
+    let old = backend_with(1);
+    let new = backend_with(3);
+    let dead = dead_port();
+    let health = "{ interval: 200ms, timeout: 150ms, fall: 1, rise: 1 }";
+    let organisation = Pool::master(&[new.imap_addr()], &[], MASTER.0, MASTER.1);
+    let opts = MailgateOpts::new(
+        Pool::master(&[old.imap_addr()], &[], MASTER.0, MASTER.1),
+        organisation.clone(),
+    )
+    .health(health);
+    let mailgate = Mailgate::start(&opts);
+    let port = mailgate.port("imaps").to_string();
+    wait_for_sample(&mailgate, &up_series(old.imap_addr()), "1");
+
+    // A session on A, spliced before the reload.
+    let mut session = Command::new("python3")
+        .args(["-c", LONG_SESSION, &port, USER.0, USER.1])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    let mut lines = BufReader::new(session.stdout.take().unwrap_or_else(|| panic!("stdout")))
+        .lines()
+        .map_while(Result::ok);
+    let before = lines.next().unwrap_or_default();
+    assert_eq!(
+        before,
+        "before: OK 1",
+        "--- mailgate ---\n{}",
+        mailgate.log()
+    );
+
+    // The pool moves to B and a backend that is not up.
+    let moved = MailgateOpts::new(
+        Pool::master(&[new.imap_addr(), dead], &[], MASTER.0, MASTER.1),
+        organisation,
+    )
+    .health(health);
+    mailgate.rewrite_config(&moved);
+    mailgate.signal("HUP");
+    let log = mailgate.wait_for_log("SIGHUP: reloaded", LOG_TIMEOUT);
+    let line = common::line_with(&log, "SIGHUP: reloaded");
+    assert!(
+        line.contains("backends_added=2") && line.contains("backends_removed=1"),
+        "{line}"
+    );
+    assert!(
+        !log.contains("SIGHUP: pools."),
+        "no pool setting changed but the list:\n{log}"
+    );
+
+    // New logins go to B (whichever of B and the dead one the user's order puts first).
+    for _ in 0..3 {
+        let out = run_python_args(COUNT, &[&port, USER.0, USER.1], CLIENT_TIMEOUT);
+        assert!(out.success(), "{out}\n--- mailgate ---\n{}", mailgate.log());
+        assert!(out.stdout.contains("count: OK 3"), "{out}");
+    }
+    // The session on A goes on: it still sees A's one message.
+    let mut stdin = session.stdin.take().unwrap_or_else(|| panic!("stdin"));
+    stdin
+        .write_all(b"go\n")
+        .unwrap_or_else(|e| panic!("writing to the session: {e}"));
+    let after = lines.next().unwrap_or_default();
+    let status = session.wait().unwrap_or_else(|e| panic!("python3: {e}"));
+    assert!(
+        status.success(),
+        "{after}\n--- mailgate ---\n{}",
+        mailgate.log()
+    );
+    assert_eq!(after, "after: OK 1");
+
+    // The up gauges follow the list: A's series is gone, B is up, the dead one down; the
+    // unchanged imappro pool keeps its series.
+    wait_for_sample(&mailgate, &up_series(new.imap_addr()), "1");
+    let text = wait_for_sample(&mailgate, &up_series(dead), "0");
+    let gone = format!("{} ", up_series(old.imap_addr()));
+    assert!(!text.lines().any(|l| l.starts_with(&gone)), "{text}");
+    let kept = format!(
+        "mailgate_backend_up{{backend=\"{}\",pool=\"imappro\"}} 1",
+        new.imap_addr()
+    );
+    assert!(text.lines().any(|l| l == kept), "{text}");
+    assert_eq!(reloads(&mailgate, "ok"), 1);
+    // A is probed no more: its Dovecot logs each probe's connection, and none come now.
+    let probes = || count(&old.log(), "imap-login:");
+    let settled = probes();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(probes(), settled, "A is still probed:\n{}", old.log());
 }

@@ -18,6 +18,7 @@ use tokio::io::AsyncReadExt;
 pub use crate::backend::BackendError;
 use crate::backend::{BackendStream, Transport};
 use crate::config::{BackendTls, Secret, SmtpLogin};
+use crate::health::BackendHealth;
 
 /// Longest reply line read from a backend (RFC 5321 says 512; be generous).
 const MAX_LINE: usize = 4096;
@@ -459,7 +460,8 @@ const FALLBACK_EXTENSIONS: [&str; 3] = ["PIPELINING", "8BITMIME", "ENHANCEDSTATU
 
 /// The EHLO extensions of every SMTP backend, as last probed (at start, then on each health
 /// probe), and what mailgate offers clients from them: the extensions all backends share.
-/// A backend that stops answering keeps its last list, so its limits still count.
+/// A backend that stops answering keeps its last list, so its limits still count, until a
+/// reload takes it out of every pool ([`BackendExtensions::forget`]).
 #[derive(Debug)]
 pub struct BackendExtensions {
     hostname: String,
@@ -484,27 +486,65 @@ impl BackendExtensions {
     }
 
     /// EHLO-probes `address` and, when it answers, records its list and recomputes the offer.
-    /// Doubles as the backend's health probe.
     ///
     /// # Errors
-    /// Why the probe failed, for the health log.
+    /// Why the probe failed, for the log.
     pub async fn probe(
         &self,
         address: &str,
         transport: &Transport,
         timeout: Duration,
     ) -> Result<(), String> {
+        self.probe_for(address, transport, timeout, None).await
+    }
+
+    /// [`BackendExtensions::probe`] as a backend's health probe: the answer of a backend that
+    /// a reload has retired meanwhile is not recorded (the reload forgets its list).
+    ///
+    /// # Errors
+    /// Why the probe failed, for the health log.
+    pub async fn probe_for(
+        &self,
+        address: &str,
+        transport: &Transport,
+        timeout: Duration,
+        health: Option<&BackendHealth>,
+    ) -> Result<(), String> {
         let extensions = probe(address, &self.hostname, transport, timeout)
             .await
             .map_err(|e| e.to_string())?;
         let mut by_backend = self.by_backend.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock that `forget` takes after retiring.
+        if health.is_some_and(BackendHealth::is_retired) {
+            return Ok(());
+        }
         if by_backend.get(address) != Some(&extensions) {
             tracing::info!(backend = address, extensions = %extensions.join(", "), "SMTP backend extensions");
             by_backend.insert(address.to_string(), extensions);
-            let lists: Vec<Vec<String>> = by_backend.values().cloned().collect();
-            self.offered.store(Arc::new(common_extensions(&lists)));
+            self.offer(&by_backend);
         }
         Ok(())
+    }
+
+    /// Drops the lists of backends no pool has any more (after a reload removed them): the
+    /// offer is then what the remaining backends share.
+    pub fn forget(&self, gone: &[&str]) {
+        let mut by_backend = self.by_backend.lock().unwrap_or_else(|p| p.into_inner());
+        let before = by_backend.len();
+        by_backend.retain(|address, _| !gone.contains(&address.as_str()));
+        if by_backend.len() != before {
+            self.offer(&by_backend);
+        }
+    }
+
+    fn offer(&self, by_backend: &std::collections::BTreeMap<String, Vec<String>>) {
+        let offered = if by_backend.is_empty() {
+            FALLBACK_EXTENSIONS.map(String::from).to_vec()
+        } else {
+            let lists: Vec<Vec<String>> = by_backend.values().cloned().collect();
+            common_extensions(&lists)
+        };
+        self.offered.store(Arc::new(offered));
     }
 }
 
@@ -568,6 +608,29 @@ mod combine_tests {
         );
         assert_eq!(common_extensions(std::slice::from_ref(&a)), a);
         assert!(common_extensions(&[]).is_empty());
+    }
+
+    #[test]
+    fn forgetting_a_backend_offers_what_the_rest_share() {
+        let extensions = BackendExtensions::new("mailgate.test");
+        {
+            let mut lists = extensions
+                .by_backend
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            lists.insert("a:587".into(), vec!["PIPELINING".into(), "SIZE 100".into()]);
+            lists.insert(
+                "b:587".into(),
+                vec!["PIPELINING".into(), "SIZE 50".into(), "8BITMIME".into()],
+            );
+            extensions.offer(&lists);
+        }
+        assert_eq!(*extensions.offered(), ["PIPELINING", "SIZE 50"]);
+        extensions.forget(&["b:587", "not:587"]);
+        assert_eq!(*extensions.offered(), ["PIPELINING", "SIZE 100"]);
+        // None left: the fallback, as before any probe answered.
+        extensions.forget(&["a:587"]);
+        assert_eq!(*extensions.offered(), FALLBACK_EXTENSIONS);
     }
 }
 

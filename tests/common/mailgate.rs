@@ -313,6 +313,14 @@ impl Mailgate {
         out
     }
 
+    /// Writes the config for `opts` over the running one (a `SIGHUP` then reads it). The
+    /// listeners follow `opts` as at start: they do not reload.
+    pub fn rewrite_config(&self, opts: &MailgateOpts) {
+        let path = self.dir.path().join("mailgate.yaml");
+        std::fs::write(&path, Self::config(self.dir.path(), opts))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+
     /// The bound address of listener `name` (`imaps`, `imap`, `submissions`, `submission`).
     #[track_caller]
     pub fn addr(&self, name: &str) -> SocketAddr {
