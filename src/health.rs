@@ -259,7 +259,7 @@ pub fn spawn_checker(
     let name = format!("{}/{}/{}", pool.name, protocol.as_str(), address);
     let extensions = smtp_extensions.clone();
     let transport = pool.transport.clone();
-    let timeout = pool.health.timeout.0;
+    let timeout = pool.connect_timeout();
     let gauge = metrics.backend_up(&pool.name, &address);
     gauge.set(i64::from(health.is_up()));
     let probed = health.clone();

@@ -127,8 +127,6 @@ pub struct Pool {
     /// The pool's health checks (interval, timeout, fall, rise), as at start: backends added
     /// by a reload are checked the same way.
     pub health: HealthConfig,
-    /// How long a backend connect may take (the pool's health timeout).
-    pub connect_timeout: Duration,
 }
 
 impl Pool {
@@ -147,9 +145,13 @@ impl Pool {
             transport,
             imap_login,
             smtp_login,
-            connect_timeout: health.timeout.0,
             health,
         }
+    }
+
+    /// How long a backend connect may take: the pool's health timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.health.timeout.0
     }
 
     /// The backends now (a reload may replace them; this list stays as it was taken).
@@ -185,20 +187,13 @@ impl Pool {
         let mut added = Vec::new();
         let mut removed = Vec::new();
         let mut next = Backends::default();
-        for protocol in [Protocol::Imap, Protocol::Smtp] {
+        for (protocol, wanted, list) in [
+            (Protocol::Imap, &config.imap, &mut next.imap),
+            (Protocol::Smtp, &config.smtp, &mut next.smtp),
+        ] {
+            // Config::load rejects a backend listed twice, so each address is one backend.
             let now = running.get(protocol);
-            let wanted = match protocol {
-                Protocol::Imap => &config.imap,
-                Protocol::Smtp => &config.smtp,
-            };
-            let list = match protocol {
-                Protocol::Imap => &mut next.imap,
-                Protocol::Smtp => &mut next.smtp,
-            };
             for address in wanted {
-                if list.iter().any(|b: &Backend| &b.address == address) {
-                    continue; // Listed twice: one backend, as at start.
-                }
                 let backend = match now.iter().find(|b| &b.address == address) {
                     Some(kept) => kept.clone(),
                     None => {

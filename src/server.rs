@@ -285,7 +285,7 @@ async fn probe_smtp(config: &Config, router: &Router, extensions: &BackendExtens
     for pool in router.pools() {
         for backend in &pool.backends().smtp {
             match extensions
-                .probe(&backend.address, &pool.transport, pool.connect_timeout)
+                .probe(&backend.address, &pool.transport, pool.connect_timeout())
                 .await
             {
                 Ok(()) => answered = true,

@@ -156,38 +156,27 @@ fn sighup_reloads_accounts_and_certificates_and_a_bad_file_changes_nothing() {
     assert_eq!(count(&mailgate.log(), "SIGHUP: reloaded"), 1);
 }
 
-/// Logs in on port `sys.argv[1]` and prints the INBOX's message count, waits for a line on stdin
-/// (at most 60 s), then counts again on the same session (NOOP, then a fresh SELECT).
-const LONG_SESSION: &str = r#"
+/// Logs in as `sys.argv[2]`/`sys.argv[3]` on port `sys.argv[1]` and prints the INBOX's message
+/// count. With `hold` as `sys.argv[4]`, then waits for a line on stdin (at most 60 s) and counts
+/// again on the same session (NOOP, then a fresh SELECT).
+const COUNT: &str = r#"
 import imaplib, select, ssl, sys
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
 m = imaplib.IMAP4_SSL("127.0.0.1", int(sys.argv[1]), ssl_context=ctx, timeout=20)
 m.login(sys.argv[2], sys.argv[3])
-typ, data = m.select("INBOX")
-print("before:", typ, data[0].decode(), flush=True)
-ready, _, _ = select.select([sys.stdin], [], [], 60)
-if not ready:
-    sys.exit("no go-ahead in 60 s")
-sys.stdin.readline()
-typ, _ = m.noop()
-m.close()
-typ, data = m.select("INBOX")
-print("after:", typ, data[0].decode(), flush=True)
-m.logout()
-"#;
-
-/// Logs in on port `sys.argv[1]` and prints the INBOX's message count.
-const COUNT: &str = r#"
-import imaplib, ssl, sys
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-m = imaplib.IMAP4_SSL("127.0.0.1", int(sys.argv[1]), ssl_context=ctx, timeout=20)
-m.login(sys.argv[2], sys.argv[3])
 typ, data = m.select("INBOX", readonly=True)
-print("count:", typ, data[0].decode())
+print("count:", typ, data[0].decode(), flush=True)
+if sys.argv[4:] == ["hold"]:
+    ready, _, _ = select.select([sys.stdin], [], [], 60)
+    if not ready:
+        sys.exit("no go-ahead in 60 s")
+    sys.stdin.readline()
+    m.noop()
+    m.close()
+    typ, data = m.select("INBOX", readonly=True)
+    print("after:", typ, data[0].decode(), flush=True)
 m.logout()
 "#;
 
@@ -257,7 +246,7 @@ fn sighup_puts_a_pools_new_backend_list_in_place_and_spliced_sessions_go_on() {
 
     // A session on A, spliced before the reload.
     let mut session = Command::new("python3")
-        .args(["-c", LONG_SESSION, &port, USER.0, USER.1])
+        .args(["-c", COUNT, &port, USER.0, USER.1, "hold"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -269,7 +258,7 @@ fn sighup_puts_a_pools_new_backend_list_in_place_and_spliced_sessions_go_on() {
     let before = lines.next().unwrap_or_default();
     assert_eq!(
         before,
-        "before: OK 1",
+        "count: OK 1",
         "--- mailgate ---\n{}",
         mailgate.log()
     );

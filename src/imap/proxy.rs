@@ -176,7 +176,7 @@ async fn log_in(
         login: &pool.imap_login,
         transport: &pool.transport,
         id: &id,
-        connect_timeout: pool.connect_timeout,
+        connect_timeout: pool.connect_timeout(),
         login_timeout: BACKEND_LOGIN_TIMEOUT,
     };
     let user = grant.route.address.clone();

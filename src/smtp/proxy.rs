@@ -188,7 +188,7 @@ async fn log_in(
         client: conn.peer,
         client_helo: helo,
         hostname: &conn.context.hostname,
-        connect_timeout: pool.connect_timeout,
+        connect_timeout: pool.connect_timeout(),
         login_timeout: BACKEND_LOGIN_TIMEOUT,
     };
     let user = grant.route.address.clone();
