@@ -266,7 +266,7 @@ fn sighup_puts_a_pools_new_backend_list_in_place_and_spliced_sessions_go_on() {
     // The pool moves to B and a backend that is not up.
     let moved = MailgateOpts::new(
         Pool::master(&[new.imap_addr(), dead], &[], MASTER.0, MASTER.1),
-        organisation,
+        organisation.clone(),
     )
     .health(health);
     mailgate.rewrite_config(&moved);
@@ -319,4 +319,59 @@ fn sighup_puts_a_pools_new_backend_list_in_place_and_spliced_sessions_go_on() {
     let settled = probes();
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(probes(), settled, "A is still probed:\n{}", old.log());
+
+    // A reload that keeps B and the dead one and lists A again: only A is added, and the kept
+    // ones keep their state. A kept backend made anew would start up and be marked down once
+    // more at its first probe; the kept one stays down and logs nothing.
+    let marked_down = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("backend marked down") && l.contains(&dead.to_string()))
+            .count()
+    };
+    assert_eq!(marked_down(&mailgate.log()), 1, "{}", mailgate.log());
+    let again = MailgateOpts::new(
+        Pool::master(
+            &[new.imap_addr(), dead, old.imap_addr()],
+            &[],
+            MASTER.0,
+            MASTER.1,
+        ),
+        organisation,
+    )
+    .health(health);
+    mailgate.rewrite_config(&again);
+    mailgate.signal("HUP");
+    let deadline = Instant::now() + LOG_TIMEOUT;
+    while count(&mailgate.log(), "SIGHUP: reloaded") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second reload:\n{}",
+            mailgate.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = mailgate.log();
+    let line = log
+        .lines()
+        .filter(|l| l.contains("SIGHUP: reloaded"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        line.contains("backends_added=1") && line.contains("backends_removed=0"),
+        "{line}"
+    );
+    let text = wait_for_sample(&mailgate, &up_series(old.imap_addr()), "1");
+    assert!(
+        text.lines().any(|l| l == format!("{} 0", up_series(dead))),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == format!("{} 1", up_series(new.imap_addr()))),
+        "{text}"
+    );
+    // Two more probe intervals for a made-anew checker to show itself.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(marked_down(&mailgate.log()), 1, "{}", mailgate.log());
+    assert_eq!(reloads(&mailgate, "ok"), 2);
 }
