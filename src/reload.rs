@@ -13,8 +13,10 @@
 //! A pool's new backend lists are in place for the next login: a backend that stays keeps its
 //! health state and check; one that is new starts up and is probed at once; one that is gone
 //! stops being probed and chosen, its `mailgate_backend_up` series is dropped, and the sessions
-//! spliced to it go on until they end. Other settings (listeners, routing, new pools, a pool's
-//! `backend_tls`, logins and health settings, limits, messages) take effect at the next start.
+//! spliced to it go on until they end. A pool's master user and password (`password`, or
+//! `password_file` read again) are the next login's. Other settings (listeners, routing, new
+//! pools, a pool's `backend_tls`, login mode, `smtp_login` and health settings, limits,
+//! messages) take effect at the next start.
 
 use std::path::Path;
 
@@ -75,6 +77,7 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
     let mut roots = Vec::new();
     let mut clients = Vec::new();
     let mut changes = Vec::new();
+    let mut logins = Vec::new();
     for name in config.pools.keys() {
         if !context.router.pools().any(|pool| &pool.name == name) {
             tracing::warn!(pool = %name, "SIGHUP: pools.{name} is new; it serves from the next start");
@@ -88,15 +91,21 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
         if configured.health != pool.health {
             tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.health changed; it takes effect at a restart", pool.name);
         }
-        let same_login = match (&configured.login, &pool.imap_login) {
-            (LoginConfig::Passthrough, ImapLogin::Passthrough) => true,
-            (LoginConfig::Master { user, .. }, ImapLogin::Master { user: running, .. }) => {
-                user == running
+        // A master login takes its new user and password (a rotated password_file is read
+        // again); a change of mode waits for a restart, as smtp_login does.
+        let running = pool.imap_login();
+        match (&configured.login, &*running) {
+            (LoginConfig::Passthrough, ImapLogin::Passthrough) => {}
+            (LoginConfig::Master { .. }, ImapLogin::Master { .. }) => {
+                let login = ImapLogin::from_config(&configured.login)
+                    .with_context(|| format!("pools.{}.login", pool.name))?;
+                if login != *running {
+                    logins.push((pool, login));
+                }
             }
-            _ => false,
-        };
-        if !same_login {
-            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.login changed; it takes effect at a restart", pool.name);
+            _ => {
+                tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.login mode changed; it takes effect at a restart", pool.name);
+            }
         }
         if configured.smtp_login != pool.smtp_login {
             tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.smtp_login changed; it takes effect at a restart", pool.name);
@@ -151,6 +160,10 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
     }
     for (pool, change) in &mut changes {
         pool.install_backends(change);
+    }
+    for (pool, login) in logins {
+        pool.install_imap_login(login);
+        tracing::info!(pool = %pool.name, "SIGHUP: pools.{}.login: the master user or password changed; the next login uses it", pool.name);
     }
     settle_backends(context, &changes);
     report_certificates(&context.metrics, context.tls.as_ref(), &context.router);

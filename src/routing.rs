@@ -14,7 +14,9 @@ use arc_swap::ArcSwap;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::backend::Transport;
-use crate::config::{Config, HealthConfig, LoginConfig, PoolConfig, Protocol, Secret, SmtpLogin};
+use crate::config::{
+    Config, HealthConfig, LoginConfig, MasterPasswordError, PoolConfig, Protocol, Secret, SmtpLogin,
+};
 use crate::health::{BackendHealth, Thresholds};
 use crate::resolver::{Resolver, SetupError};
 use crate::tls::LoadedCertificate;
@@ -63,10 +65,27 @@ impl Backend {
 }
 
 /// How mailgate logs in to this pool's IMAP backends.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImapLogin {
     Master { user: String, password: Secret },
     Passthrough,
+}
+
+impl ImapLogin {
+    /// The login `config` gives, its master password from `password` or read now from
+    /// `password_file` (see [`LoginConfig::master_password`]).
+    ///
+    /// # Errors
+    /// A master login with neither, or with an unreadable or empty `password_file`.
+    pub fn from_config(config: &LoginConfig) -> Result<ImapLogin, MasterPasswordError> {
+        Ok(match (config, config.master_password()?) {
+            (LoginConfig::Master { user, .. }, Some(password)) => ImapLogin::Master {
+                user: user.clone(),
+                password,
+            },
+            _ => ImapLogin::Passthrough,
+        })
+    }
 }
 
 /// A pool's backends, per protocol. A reload (`SIGHUP`) replaces the lists whole; a backend
@@ -122,7 +141,8 @@ pub struct Pool {
     /// Plaintext or TLS to the backends (`backend_tls`, `backend_ca`), for logins and health
     /// probes alike.
     pub transport: Transport,
-    pub imap_login: ImapLogin,
+    /// A reload may put a new master user or password in place ([`Pool::imap_login`]).
+    imap_login: ArcSwap<ImapLogin>,
     pub smtp_login: SmtpLogin,
     /// The pool's health checks (interval, timeout, fall, rise), as at start: backends added
     /// by a reload are checked the same way.
@@ -143,10 +163,20 @@ impl Pool {
             name: name.into(),
             backends: ArcSwap::from_pointee(backends),
             transport,
-            imap_login,
+            imap_login: ArcSwap::from_pointee(imap_login),
             smtp_login,
             health,
         }
+    }
+
+    /// How the next login logs in to the backends (this one stays as it was taken).
+    pub fn imap_login(&self) -> Arc<ImapLogin> {
+        self.imap_login.load_full()
+    }
+
+    /// Puts a reloaded master user and password in place for the next login.
+    pub fn install_imap_login(&self, login: ImapLogin) {
+        self.imap_login.store(Arc::new(login));
     }
 
     /// How long a backend connect may take: the pool's health timeout.
@@ -277,35 +307,11 @@ impl Router {
                     .map(|a| Backend::with_thresholds(a, thresholds))
                     .collect()
             };
-            let imap_login = match &pool.login {
-                LoginConfig::Passthrough => ImapLogin::Passthrough,
-                LoginConfig::Master {
-                    user,
-                    password,
-                    password_file,
-                } => {
-                    let password = match (password, password_file) {
-                        (Some(p), _) => p.clone(),
-                        (None, Some(file)) => std::fs::read_to_string(file)
-                            .map(|s| Secret::new(s.trim_end_matches(['\r', '\n'])))
-                            .map_err(|e| RouterError::Pool {
-                                pool: name.clone(),
-                                message: format!("login.password_file {}: {e}", file.display()),
-                            })?,
-                        (None, None) => {
-                            return Err(RouterError::Pool {
-                                pool: name.clone(),
-                                message: "login: master mode needs password or password_file"
-                                    .into(),
-                            })
-                        }
-                    };
-                    ImapLogin::Master {
-                        user: user.clone(),
-                        password,
-                    }
-                }
-            };
+            let imap_login =
+                ImapLogin::from_config(&pool.login).map_err(|e| RouterError::Pool {
+                    pool: name.clone(),
+                    message: format!("login: {e}"),
+                })?;
             let transport = Transport::new(
                 name,
                 pool.backend_tls,

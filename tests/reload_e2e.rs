@@ -5,7 +5,8 @@
 //! `localhost:PORT`, is looked up again under the re-read `/etc/hosts`; the reload counter says
 //! what happened. A pool's backend list changed in the config is in place after a reload: new
 //! logins go to the new backend, a session spliced to the removed one goes on, and the
-//! `mailgate_backend_up` series follow the list.
+//! `mailgate_backend_up` series follow the list. A rotated master password file is read at
+//! the reload, and the next login uses it.
 
 mod common;
 
@@ -15,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::mailgate::{Mailgate, MailgateOpts, Pool};
+use common::mailgate::{Login, Mailgate, MailgateOpts, Pool};
 use common::{run_cmd, run_python_args, Dovecot, DovecotOpts};
 use rcgen::{CertificateParams, KeyPair};
 
@@ -67,6 +68,19 @@ fn reloads(mailgate: &Mailgate, result: &str) -> u64 {
 /// Counts the log lines holding `needle`.
 fn count(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Waits until the log holds `n` "SIGHUP: reloaded" lines ([`LOG_TIMEOUT`] at most).
+fn wait_for_reloads(mailgate: &Mailgate, n: usize) {
+    let deadline = Instant::now() + LOG_TIMEOUT;
+    while count(&mailgate.log(), "SIGHUP: reloaded") < n {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} reloads:\n{}",
+            mailgate.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -341,15 +355,7 @@ fn sighup_puts_a_pools_new_backend_list_in_place_and_spliced_sessions_go_on() {
     .health(health);
     mailgate.rewrite_config(&again);
     mailgate.signal("HUP");
-    let deadline = Instant::now() + LOG_TIMEOUT;
-    while count(&mailgate.log(), "SIGHUP: reloaded") < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no second reload:\n{}",
-            mailgate.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_reloads(&mailgate, 2);
     let log = mailgate.log();
     let line = log
         .lines()
@@ -374,4 +380,58 @@ fn sighup_puts_a_pools_new_backend_list_in_place_and_spliced_sessions_go_on() {
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(marked_down(&mailgate.log()), 1, "{}", mailgate.log());
     assert_eq!(reloads(&mailgate, "ok"), 2);
+}
+
+#[test]
+fn sighup_reads_a_rotated_master_password_file() {
+    let mut dovecot = backend_with(1);
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let password_file = dir.path().join("imap-master");
+    let write = |password: &str| {
+        std::fs::write(&password_file, format!("{password}\n"))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", password_file.display()))
+    };
+    write(MASTER.1);
+    let mut pool = Pool::master(&[dovecot.imap_addr()], &[], MASTER.0, MASTER.1);
+    pool.login = Login::MasterFile {
+        user: MASTER.0.into(),
+        password_file: password_file.clone(),
+    };
+    let mailgate = Mailgate::start(&MailgateOpts::new(pool.clone(), pool));
+    let port = mailgate.port("imaps").to_string();
+    let messages = || run_python_args(COUNT, &[&port, USER.0, USER.1], CLIENT_TIMEOUT);
+    let out = messages();
+    assert!(
+        out.success() && out.stdout.contains("count: OK 1"),
+        "{out}\n--- mailgate ---\n{}",
+        mailgate.log()
+    );
+
+    // The backend's master password is rotated: mailgate's old one is refused.
+    const ROTATED: &str = "rotated-master-secret";
+    dovecot.set_master_password(ROTATED);
+    let out = messages();
+    assert!(!out.success(), "the old master password still works: {out}");
+    assert!(out.stderr.contains("UNAVAILABLE"), "{out}");
+
+    // The file is rotated too and mailgate told: the next login uses the new password.
+    write(ROTATED);
+    mailgate.signal("HUP");
+    let log = mailgate.wait_for_log("SIGHUP: reloaded", LOG_TIMEOUT);
+    // Both pools (imap and imappro) read the file: a line each.
+    let changed = "the master user or password changed";
+    assert_eq!(count(&log, changed), 2, "{log}");
+    let out = messages();
+    assert!(
+        out.success() && out.stdout.contains("count: OK 1"),
+        "{out}\n--- mailgate ---\n{}",
+        mailgate.log()
+    );
+    // A reload with the file unchanged puts nothing new in place.
+    mailgate.signal("HUP");
+    wait_for_reloads(&mailgate, 2);
+    let log = mailgate.log();
+    assert_eq!(count(&log, changed), 2, "{log}");
+    // Neither password is ever logged.
+    assert!(!log.contains(MASTER.1) && !log.contains(ROTATED), "{log}");
 }

@@ -170,10 +170,11 @@ async fn log_in(
             .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("x-"))
             .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone()))),
     );
+    let login = pool.imap_login();
     let request = LoginRequest {
         user: &grant.route.address,
         password: credentials.password.as_bytes(),
-        login: &pool.imap_login,
+        login: &login,
         transport: &pool.transport,
         id: &id,
         connect_timeout: pool.connect_timeout(),
@@ -190,7 +191,7 @@ async fn log_in(
         Ok((address, session)) => Ok((grant, address, session)),
         Err(BackendError::Refused { code }) => Err(refused_result(
             code.as_deref(),
-            matches!(pool.imap_login, ImapLogin::Master { .. }),
+            matches!(*login, ImapLogin::Master { .. }),
         )),
         Err(_) => Err(LoginResult::BackendUnavailable),
     }

@@ -175,7 +175,8 @@ async fn log_in(
     )
     .await?;
     let pool = &grant.route.pool;
-    let master = match &pool.imap_login {
+    let login = pool.imap_login();
+    let master = match &*login {
         ImapLogin::Master { user, password } => Some((user.as_str(), password)),
         ImapLogin::Passthrough => None,
     };

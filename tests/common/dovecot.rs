@@ -332,6 +332,19 @@ impl Dovecot {
         &self.opts.master_password
     }
 
+    /// Rotates the master user's password: Dovecot's passwd-file passdb reads the file again
+    /// when it changes, so the next login is checked against `password`.
+    pub fn set_master_password(&mut self, password: &str) {
+        check_passwd_field(password);
+        // The passdb notices a change by the file's mtime, which has a one-second grain.
+        std::thread::sleep(Duration::from_millis(1100));
+        self.opts.master_password = password.to_owned();
+        write_file(
+            &self.dir.path().join("masters"),
+            &format!("{}:{{PLAIN}}{password}::::::\n", self.opts.master_user),
+        );
+    }
+
     /// The configuration file, for `doveadm -c` in a test.
     pub fn conf_path(&self) -> &Path {
         &self.conf

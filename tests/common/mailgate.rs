@@ -21,7 +21,15 @@ pub const DEMO_ACCOUNTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/acc
 /// How mailgate logs in to a pool's IMAP backends.
 #[derive(Debug, Clone)]
 pub enum Login {
-    Master { user: String, password: String },
+    Master {
+        user: String,
+        password: String,
+    },
+    /// A master login whose password is read from `password_file`.
+    MasterFile {
+        user: String,
+        password_file: PathBuf,
+    },
     Passthrough,
 }
 
@@ -170,6 +178,16 @@ fn pool_yaml(out: &mut String, name: &str, pool: &Pool, smtp_login: &str, health
             let _ = writeln!(
                 out,
                 "    login: {{ mode: master, user: \"{user}\", password: \"{password}\" }}"
+            );
+        }
+        Login::MasterFile {
+            user,
+            password_file,
+        } => {
+            let path = password_file.display();
+            let _ = writeln!(
+                out,
+                "    login: {{ mode: master, user: \"{user}\", password_file: \"{path}\" }}"
             );
         }
         Login::Passthrough => {
