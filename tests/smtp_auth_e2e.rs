@@ -16,13 +16,16 @@
 //! Refusals: a wrong password is mailgate's 535 and never reaches Postfix; a backend that
 //! refuses the master login gives 454 (mailgate had proven the password); in passthrough the
 //! backend's own 535 is the client's 535; a Postfix that offers no `AUTH` to mailgate is 454.
+//!
+//! Rotation: a master password changed on Dovecot gives 454 until mailgate's `password_file`
+//! holds it too and mailgate is sent `SIGHUP`; then submissions are taken again.
 
 mod common;
 
 use std::time::Duration;
 
 use common::mail::{message, swaks_auth_reply, unfold};
-use common::mailgate::{Mailgate, MailgateOpts, Pool};
+use common::mailgate::{Login, Mailgate, MailgateOpts, Pool};
 use common::{run_cmd, run_python_args, Dovecot, DovecotOpts, Postfix, PostfixOpts};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
@@ -429,6 +432,77 @@ fn master_mode_sends_as_the_user_through_postfix_and_dovecot_sasl() {
     assert!(
         !log.contains("not-the-master-secret"),
         "the master password reached mailgate's log:\n{log}"
+    );
+}
+
+/// The master password is rotated on the backend and in mailgate's `password_file`, then
+/// mailgate is sent `SIGHUP`: submissions in between get 454 (mailgate proved the client's
+/// password, the backend refused the master login), and after the reload they are taken again.
+#[test]
+fn sighup_reads_a_rotated_master_password_file_for_submission() {
+    let mut backends = Backends::start();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let password_file = dir.path().join("smtp-master");
+    let write = |password: &str| {
+        std::fs::write(&password_file, format!("{password}\n"))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", password_file.display()))
+    };
+    write(MASTER.1);
+    let mut pool = Pool::master(
+        &[backends.dovecot.imap_addr()],
+        &[backends.postfix.submission_addr()],
+        MASTER.0,
+        MASTER.1,
+    );
+    pool.login = Login::MasterFile {
+        user: MASTER.0.into(),
+        password_file: password_file.clone(),
+    };
+    let mut opts = MailgateOpts::new(pool.clone(), pool);
+    opts.smtp_login = "master".into();
+    let mailgate = Mailgate::start(&opts);
+    let alice = |client| Case {
+        client,
+        listener: "submissions",
+        user: "alice@skydesk.jp",
+        password: "alice-pass",
+        to: "dave@example.com",
+    };
+    let taken = |backends: &Backends, case: &Case<'_>| {
+        let (reply, taken, _) = send(&mailgate, case, dir.path());
+        assert!(
+            reply == OK && taken,
+            "{}: AUTH answered {reply:?}, message taken: {taken}\n{}",
+            case.subject(),
+            backends.logs(&mailgate)
+        );
+    };
+    taken(&backends, &alice("smtplib"));
+
+    const ROTATED: &str = "rotated-master-secret";
+    backends.dovecot.set_master_password(ROTATED);
+    assert_refused(
+        &backends,
+        &mailgate,
+        "alice@skydesk.jp",
+        "alice-pass",
+        UNAVAILABLE,
+    );
+
+    write(ROTATED);
+    mailgate.signal("HUP");
+    let log = mailgate.wait_for_log("SIGHUP: reloaded", Duration::from_secs(10));
+    assert_eq!(
+        log.matches("the master user or password changed").count(),
+        2,
+        "both pools read the file:\n{log}"
+    );
+    taken(&backends, &alice("smtplib"));
+    taken(&backends, &alice("swaks"));
+    let log = mailgate.log();
+    assert!(
+        !log.contains(MASTER.1) && !log.contains(ROTATED),
+        "a master password reached mailgate's log:\n{log}"
     );
 }
 
