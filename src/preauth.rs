@@ -56,6 +56,11 @@ pub trait Driver: Sync {
     const PROTOCOL: Protocol;
     const GOODBYES: Goodbyes;
 
+    /// What the server says first on an implicit-TLS listener, to go with the TLS 1.3
+    /// handshake's flight (`tls_stream::accept`); empty for a protocol that must see whether
+    /// the client talks first (SMTP's early-talker check).
+    fn tls_greeting(&self) -> Vec<u8>;
+
     /// Runs the protocol's pre-auth session on `stream`.
     fn session<S>(
         &self,
@@ -84,18 +89,27 @@ pub async fn serve<D: Driver>(driver: &D, mut conn: Connection, tcp: TcpStream) 
             .session(&mut conn, &mut log, tcp, mode(false, false, true), deadline)
             .await
             .logged_in(),
-        ListenerTls::Implicit => match conn.tls_handshake(&mut log, tcp).await {
-            Some(tls) => driver
-                .session(&mut conn, &mut log, tls, mode(true, false, true), deadline)
-                .await
-                .logged_in(),
-            None => None,
-        },
+        ListenerTls::Implicit => {
+            let greeting = driver.tls_greeting();
+            match conn.tls_handshake(&mut log, tcp, &greeting).await {
+                Some((tls, greeted)) => driver
+                    .session(
+                        &mut conn,
+                        &mut log,
+                        tls,
+                        mode(true, false, !greeted),
+                        deadline,
+                    )
+                    .await
+                    .logged_in(),
+                None => None,
+            }
+        }
         ListenerTls::Starttls => {
             let first = driver.session(&mut conn, &mut log, tcp, mode(false, true, true), deadline);
             match first.await {
-                PreauthEnd::StartTls(tcp) => match conn.tls_handshake(&mut log, tcp).await {
-                    Some(tls) => driver
+                PreauthEnd::StartTls(tcp) => match conn.tls_handshake(&mut log, tcp, b"").await {
+                    Some((tls, _)) => driver
                         .session(&mut conn, &mut log, tls, mode(true, false, false), deadline)
                         .await
                         .logged_in(),

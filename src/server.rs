@@ -508,17 +508,24 @@ impl Connection {
             .count_login(self.listener.config.protocol, login, result);
     }
 
-    /// The server side of a TLS handshake, under the handshake timeout. A failure is the
-    /// client's business: logged at debug, recorded in the session log.
-    pub async fn tls_handshake(&self, log: &mut SessionLog, tcp: TcpStream) -> Option<TlsStream> {
+    /// The server side of a TLS handshake, under the handshake timeout; `first` (may be
+    /// empty) goes with the server's flight where TLS 1.3 allows it, and the `bool` says
+    /// whether it went. A failure is the client's business: logged at debug, recorded in the
+    /// session log.
+    pub async fn tls_handshake(
+        &self,
+        log: &mut SessionLog,
+        tcp: TcpStream,
+        first: &[u8],
+    ) -> Option<(TlsStream, bool)> {
         let Some(tls) = self.context.tls.as_ref() else {
             log.end = "tls_unconfigured";
             return None;
         };
         let limit = self.context.config.limits.handshake_timeout.0;
-        let handshake = crate::tls_stream::accept(tls.config.clone(), tcp);
+        let handshake = crate::tls_stream::accept(tls.config.clone(), tcp, first);
         match tokio::time::timeout(limit, handshake).await {
-            Ok(Ok(stream)) => Some(stream),
+            Ok(Ok(accepted)) => Some(accepted),
             Ok(Err(e)) => {
                 tracing::debug!(session = %self.id, error = %e, "TLS handshake failed");
                 self.listener.metrics.tls_handshake_failed();

@@ -172,6 +172,13 @@ impl Tls {
         // One ticket per handshake is all a client needs to resume next time; rustls' default
         // of two costs an extra ticket encryption and record on every login.
         server.send_tls13_tickets = 1;
+        // TLS 1.3 lets the server send data right after its Finished (RFC 8446 2, "0.5-RTT"):
+        // an implicit-TLS IMAP listener's greeting goes in the server's first flight, so the
+        // client has it one round trip sooner and answers the Finished and its LOGIN at once
+        // (`tls_stream::accept`). There is no client certificate to wait for, and the
+        // greeting is what any client gets anyway. A listener with nothing to send first
+        // (after STARTTLS, SMTP) sends nothing early.
+        server.send_half_rtt_data = true;
         Ok(Tls {
             config: Arc::new(server),
             resolver,

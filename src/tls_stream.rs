@@ -12,12 +12,18 @@
 //! - outgoing records are encrypted into a pooled buffer (a 16 KiB write becomes one full
 //!   record), written, and the buffer goes back once the socket has taken them all.
 //!
+//! `accept` takes what the server says first (IMAP's greeting): in TLS 1.3 it leaves
+//! encrypted in the server's first flight, right after its Finished (0.5-RTT data, RFC 8446
+//! section 2), so the client reads it one round trip sooner and sends its Finished and its
+//! first command together; in TLS 1.2 it is not sent, and the caller writes it as usual.
+//!
 //! Like tokio-rustls: the handshake completes both ways before `accept` returns; a
 //! `close_notify` from the peer reads as EOF; a TCP EOF without one is `UnexpectedEof`;
 //! `shutdown` sends `close_notify`, then shuts the socket's write side. Unlike it, the TLS
 //! 1.3 session ticket rustls issues after the client's Finished waits for the first write (the
-//! greeting) and leaves in the same segment, or leaves at the first read: one send and one
-//! wakeup of the client fewer per login.
+//! greeting, or where that went early the reply to the login) and leaves in the same segment,
+//! or leaves at the first read that has to wait: one send and one wakeup of the client fewer
+//! per login.
 
 use std::future::poll_fn;
 use std::io;
@@ -45,13 +51,20 @@ const COALESCE_BELOW: usize = 4 * 1024;
 const MAX_INCOMING: usize = 96 * 1024;
 
 /// Runs the server side of a TLS handshake on `tcp` (nothing read from it yet) with
-/// mailgate's `config`; the caller bounds it in time.
+/// mailgate's `config`; the caller bounds it in time. `first` (may be empty) is what the
+/// server says before the client does: sent with the server's flight where TLS 1.3 allows it
+/// (`config.send_half_rtt_data`). Returns the stream and whether `first` was sent; if not,
+/// the caller writes it.
 ///
 /// # Errors
 /// The client sent something that is not an acceptable TLS handshake (`InvalidData`, after
 /// rustls' alert was sent where the socket took it), closed the connection
 /// (`UnexpectedEof`), or the socket failed.
-pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<LeanTlsStream> {
+pub async fn accept(
+    config: Arc<ServerConfig>,
+    tcp: TcpStream,
+    first: &[u8],
+) -> io::Result<(LeanTlsStream, bool)> {
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut stream = LeanTlsStream {
         tcp,
@@ -63,8 +76,12 @@ pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<Lea
         close_sent: false,
         failed: false,
     };
-    poll_fn(|cx| stream.poll_handshake(cx)).await?;
-    Ok(stream)
+    // One record or none: a longer `first` is the caller's to write after the handshake.
+    let mut early = (!first.is_empty() && first.len() <= MAX_PLAINTEXT_PER_WRITE).then_some(first);
+    let sent = early.is_some();
+    poll_fn(|cx| stream.poll_handshake(cx, &mut early)).await?;
+    // `early` is taken once its record is queued; still there, it never was.
+    Ok((stream, sent && early.is_none()))
 }
 
 /// A server-side TLS stream over TCP whose buffers are on loan only while bytes move.
@@ -162,17 +179,29 @@ impl LeanTlsStream {
     }
 
     /// Drives the handshake until it is complete both ways and our flights have left (the
-    /// session ticket may wait in `outgoing` for the first write).
-    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// session ticket may wait in `outgoing` for the first write). `early` is encrypted as
+    /// soon as rustls lets application data go before the client's Finished (and taken):
+    /// it leaves with the server's flight.
+    fn poll_handshake(
+        &mut self,
+        cx: &mut Context<'_>,
+        early: &mut Option<&[u8]>,
+    ) -> Poll<io::Result<()>> {
         loop {
-            let step = match self.process(None, Want::Nothing) {
+            let want = match early {
+                Some(data) if self.conn.is_handshaking() => Want::Encrypt(data),
+                _ => Want::Nothing,
+            };
+            let step = match self.process(None, want) {
                 Ok(step) => step,
                 Err(e) => return Poll::Ready(Err(self.fail(e))),
             };
             match step {
-                Step::Again | Step::Wrote(_) => {}
+                Step::Again => {}
+                Step::Wrote(_) => *early = None,
                 // rustls lets a TLS 1.3 server send right after its Finished, before the
-                // client's: the handshake is done when the client's Finished is in too.
+                // client's (`send_half_rtt_data`): the handshake is done when the client's
+                // Finished is in too.
                 // In TLS 1.3 what is queued now is the session ticket, which the client does
                 // not wait for: it goes with the first write. In TLS 1.2 it is our Finished,
                 // which the client does wait for: it goes now.
@@ -680,13 +709,98 @@ mod tests {
     async fn server(
         config: Arc<ServerConfig>,
     ) -> (SocketAddr, JoinHandle<io::Result<LeanTlsStream>>) {
+        let (address, task) = server_first(config, b"").await;
+        let task = tokio::spawn(async move {
+            task.await
+                .map_err(io::Error::other)?
+                .map(|(stream, _)| stream)
+        });
+        (address, task)
+    }
+
+    /// The same, with `first` for the server to say first.
+    async fn server_first(
+        config: Arc<ServerConfig>,
+        first: &'static [u8],
+    ) -> (SocketAddr, JoinHandle<io::Result<(LeanTlsStream, bool)>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await?;
-            accept(config, tcp).await
+            accept(config, tcp, first).await
         });
         (address, task)
+    }
+
+    const GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1] ready\r\n";
+
+    #[tokio::test]
+    async fn tls13_sends_the_greeting_with_the_servers_flight() {
+        use std::io::Read;
+        let pki = pki();
+        let (address, server) = server_first(pki.server.clone(), GREETING).await;
+        let mut client = ManualClient::connect(&pki, address, usize::MAX).await;
+        let hello = client.pending_tls();
+        client.send_raw(&hello).await;
+        // Only the ClientHello went: what comes back is the server's flight and the greeting,
+        // readable before the client's Finished has left.
+        let mut greeting = Vec::new();
+        let early = async {
+            while greeting.len() < GREETING.len() {
+                client.receive().await;
+                let mut chunk = [0u8; 256];
+                match client.conn.reader().read(&mut chunk) {
+                    Ok(n) => greeting.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("client read: {e}"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), early)
+            .await
+            .expect("the greeting came before the client's Finished left");
+        assert_eq!(greeting, GREETING);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !server.is_finished(),
+            "the server waits for the client's Finished"
+        );
+        let finished = client.pending_tls();
+        client.send_raw(&finished).await;
+        let (mut server, greeted) = server.await.expect("join").expect("server handshake");
+        assert!(greeted, "accept says the greeting went");
+        // The session goes on as usual; the ticket leaves at the server's first write.
+        server.write_all(b"* BYE\r\n").await.expect("write");
+        server.flush().await.expect("flush");
+        let mut bye = Vec::new();
+        while bye.len() < 7 {
+            client.receive().await;
+            let mut chunk = [0u8; 64];
+            if let Ok(n) = client.conn.reader().read(&mut chunk) {
+                bye.extend_from_slice(chunk.get(..n).unwrap_or_default());
+            }
+        }
+        assert_eq!(bye, b"* BYE\r\n");
+        assert!(!server.holds_buffers(), "idle after the flush");
+    }
+
+    #[tokio::test]
+    async fn tls12_leaves_the_greeting_to_the_caller() {
+        let pki = pki();
+        let (address, server) = server_first(pki.server.clone(), GREETING).await;
+        let tcp = TcpStream::connect(address).await.expect("connect");
+        let mut client = TlsConnector::from(pki.client(&[&rustls::version::TLS12]))
+            .connect(name(), tcp)
+            .await
+            .expect("client handshake");
+        let (mut server, greeted) = server.await.expect("join").expect("server handshake");
+        assert!(!greeted, "TLS 1.2 has no data before the client's Finished");
+        // Nothing was sent early: the first bytes the client reads are the server's first write.
+        server.write_all(b"* OK now\r\n").await.expect("write");
+        server.flush().await.expect("flush");
+        let mut line = [0u8; 10];
+        client.read_exact(&mut line).await.expect("read");
+        assert_eq!(&line, b"* OK now\r\n");
     }
 
     /// A connected pair: mailgate's side and a tokio-rustls client.
@@ -877,6 +991,15 @@ mod tests {
     }
 
     impl ManualClient {
+        /// A TLS 1.3 client connected to `address`, nothing sent yet.
+        async fn connect(pki: &Pki, address: SocketAddr, feed: usize) -> ManualClient {
+            let tcp = TcpStream::connect(address).await.expect("connect");
+            tcp.set_nodelay(true).expect("nodelay");
+            let conn = ClientConnection::new(pki.client(&[&rustls::version::TLS13]), name())
+                .expect("client");
+            ManualClient { conn, tcp, feed }
+        }
+
         async fn send_raw(&mut self, bytes: &[u8]) {
             for piece in bytes.chunks(self.feed) {
                 self.tcp.write_all(piece).await.expect("feed");
@@ -930,11 +1053,7 @@ mod tests {
 
     async fn manual_pair(pki: &Pki, feed: usize) -> (LeanTlsStream, ManualClient) {
         let (address, server) = server(pki.server.clone()).await;
-        let tcp = TcpStream::connect(address).await.expect("connect");
-        tcp.set_nodelay(true).expect("nodelay");
-        let conn =
-            ClientConnection::new(pki.client(&[&rustls::version::TLS13]), name()).expect("client");
-        let mut client = ManualClient { conn, tcp, feed };
+        let mut client = ManualClient::connect(pki, address, feed).await;
         client.handshake().await;
         let server = server.await.expect("join").expect("server handshake");
         (server, client)
@@ -1157,14 +1276,7 @@ mod tests {
     async fn a_client_gone_mid_handshake_is_unexpected_eof() {
         let pki = pki();
         let (address, server) = server(pki.server.clone()).await;
-        let tcp = TcpStream::connect(address).await.expect("connect");
-        let conn =
-            ClientConnection::new(pki.client(&[&rustls::version::TLS13]), name()).expect("client");
-        let mut client = ManualClient {
-            conn,
-            tcp,
-            feed: usize::MAX,
-        };
+        let mut client = ManualClient::connect(&pki, address, usize::MAX).await;
         let hello = client.pending_tls();
         let (part, _) = hello.split_at(hello.len() / 2);
         client.tcp.write_all(part).await.expect("write");

@@ -31,6 +31,14 @@ impl Driver for Imap {
         idle: b"* BYE Idle for too long\r\n",
     };
 
+    fn tls_greeting(&self) -> Vec<u8> {
+        PreAuth::new(SessionConfig {
+            tls_active: true,
+            starttls_offered: false,
+        })
+        .greeting()
+    }
+
     /// Runs the pre-auth session on `stream` until it ends in STARTTLS, a login accepted by a
     /// backend, or the end of the session.
     async fn session<S>(

@@ -32,6 +32,12 @@ impl Driver for Smtp {
         idle: b"421 4.4.2 Idle for too long\r\n",
     };
 
+    /// Nothing early: the greeting waits until the early-talker check has looked for input
+    /// after the handshake.
+    fn tls_greeting(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
     /// Runs the pre-auth session until STARTTLS, an AUTH the backend took, or the end.
     async fn session<S>(
         &self,
