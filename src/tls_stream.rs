@@ -41,8 +41,11 @@ use tokio::net::TcpStream;
 
 use crate::buffers::{PooledBuf, Size};
 
-/// Plaintext encrypted per write: one full record.
+/// Plaintext per record: a full one.
 const MAX_PLAINTEXT_PER_WRITE: usize = 16 * 1024;
+/// Room a record takes in `outgoing` beyond its plaintext, with margin (header 5, content
+/// type 1, AEAD tag 16).
+const RECORD_OVERHEAD: usize = 256;
 /// Up to this many queued bytes (a session ticket, a small record the socket did not take at
 /// once) a write's record joins the queue instead of waiting for it to leave.
 const COALESCE_BELOW: usize = 4 * 1024;
@@ -342,23 +345,34 @@ impl AsyncWrite for LeanTlsStream {
             )));
         }
         // One write's records in flight at most, but a small queue (the session ticket) is
-        // sent together with this write's record.
+        // sent together with this write's records. A write is encrypted a record at a time
+        // while the TLS buffer has room for another (four from a full relay buffer), then
+        // sent in one go.
         if this.outgoing.len() >= COALESCE_BELOW {
             ready!(this.outgoing.poll_send(cx, &mut this.tcp))?;
         }
+        let mut written = 0;
         loop {
-            let step = match this.process(None, Want::Encrypt(data)) {
+            let rest = data.get(written..).unwrap_or_default();
+            let step = match this.process(None, Want::Encrypt(rest)) {
                 Ok(step) => step,
                 Err(e) => return Poll::Ready(Err(this.fail(e))),
             };
             match step {
                 Step::Wrote(n) => {
+                    written += n;
+                    if written < data.len()
+                        && this.outgoing.len() + MAX_PLAINTEXT_PER_WRITE + RECORD_OVERHEAD
+                            <= crate::buffers::TLS_BUFFER
+                    {
+                        continue;
+                    }
                     // Out at once if the socket takes it; otherwise the next write or the
                     // flush sends the rest.
                     if let Poll::Ready(Err(e)) = this.outgoing.poll_send(cx, &mut this.tcp) {
                         return Poll::Ready(Err(e));
                     }
-                    return Poll::Ready(Ok(n));
+                    return Poll::Ready(Ok(written));
                 }
                 Step::Again | Step::Traffic => {}
                 Step::PeerClosed => this.peer_closed = true,
@@ -1145,19 +1159,39 @@ mod tests {
     async fn sixteen_kib_writes_become_full_records() {
         let pki = pki();
         let (mut server, client) = manual_pair(&pki, usize::MAX).await;
-        let ManualClient {
-            mut conn, mut tcp, ..
-        } = client;
         let sent = payload(3 * MAX_PLAINTEXT_PER_WRITE, 4);
         for chunk in sent.chunks(MAX_PLAINTEXT_PER_WRITE) {
             server.write_all(chunk).await.expect("write");
         }
         server.flush().await.expect("flush");
-        // Three records of 16 KiB each, nothing smaller: walk the record headers.
+        assert_full_records(client, &sent).await;
+    }
+
+    #[tokio::test]
+    async fn one_write_of_a_relay_buffer_is_taken_whole_as_full_records() {
+        let pki = pki();
+        let (mut server, client) = manual_pair(&pki, usize::MAX).await;
+        let sent = payload(crate::buffers::RELAY_BUFFER, 5);
+        // One poll_write: the relay hands over a whole buffer, and it is encrypted and sent
+        // in one go (one send instead of one per record).
+        let n = server.write(&sent).await.expect("write");
+        assert_eq!(n, sent.len(), "one write took the relay's whole buffer");
+        server.flush().await.expect("flush");
+        assert!(!server.holds_buffers(), "idle after the flush");
+        assert_full_records(client, &sent).await;
+    }
+
+    /// Reads what the server sent: `sent` in records of 16 KiB each, nothing smaller (after
+    /// the session ticket), decrypted intact.
+    async fn assert_full_records(client: ManualClient, sent: &[u8]) {
+        let ManualClient {
+            mut conn, mut tcp, ..
+        } = client;
+        let expected = sent.len() / MAX_PLAINTEXT_PER_WRITE;
         let mut wire = Vec::new();
         let mut records = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
-        while records.len() < 3 {
+        while records.len() < expected {
             let n = tcp.read(&mut buf).await.expect("read");
             assert!(n > 0);
             wire.extend_from_slice(buf.get(..n).expect("n <= len"));
@@ -1176,7 +1210,7 @@ mod tests {
             records.retain(|len| *len > 1024);
         }
         // Plaintext + content type + 16-byte tag.
-        assert_eq!(records, vec![MAX_PLAINTEXT_PER_WRITE + 17; 3]);
+        assert_eq!(records, vec![MAX_PLAINTEXT_PER_WRITE + 17; expected]);
         let mut slice = wire.as_slice();
         let mut got = Vec::new();
         while !slice.is_empty() {
