@@ -10,7 +10,8 @@
 //!   while a partial record (or a handshake message spanning records) waits for the rest;
 //! - plaintext the reader had no room for waits in a small buffer until it is read;
 //! - outgoing records are encrypted into a pooled buffer (a 16 KiB write becomes one full
-//!   record), written, and the buffer goes back once the socket has taken them all.
+//!   record, the relay's 64 KiB write four), written in one go, and the buffer goes back once
+//!   the socket has taken them all.
 //!
 //! `accept` takes what the server says first (IMAP's greeting): in TLS 1.3 it leaves
 //! encrypted in the server's first flight, right after its Finished (0.5-RTT data, RFC 8446
@@ -42,7 +43,7 @@ use tokio::net::TcpStream;
 use crate::buffers::{PooledBuf, Size};
 
 /// Plaintext per record: a full one.
-const MAX_PLAINTEXT_PER_WRITE: usize = 16 * 1024;
+const MAX_PLAINTEXT_PER_RECORD: usize = 16 * 1024;
 /// Room a record takes in `outgoing` beyond its plaintext, with margin (header 5, content
 /// type 1, AEAD tag 16).
 const RECORD_OVERHEAD: usize = 256;
@@ -80,7 +81,7 @@ pub async fn accept(
         failed: false,
     };
     // One record or none: a longer `first` is the caller's to write after the handshake.
-    let mut early = (!first.is_empty() && first.len() <= MAX_PLAINTEXT_PER_WRITE).then_some(first);
+    let mut early = (!first.is_empty() && first.len() <= MAX_PLAINTEXT_PER_RECORD).then_some(first);
     let sent = early.is_some();
     poll_fn(|cx| stream.poll_handshake(cx, &mut early)).await?;
     // `early` is taken once its record is queued; still there, it never was.
@@ -267,7 +268,7 @@ fn write_traffic(
     match want {
         Want::Nothing => Ok(Step::Traffic),
         Want::Encrypt(data) => {
-            let data = data.get(..MAX_PLAINTEXT_PER_WRITE).unwrap_or(data);
+            let data = data.get(..MAX_PLAINTEXT_PER_RECORD).unwrap_or(data);
             outgoing.append(|out| traffic.encrypt(data, out).map_err(Room::from))?;
             Ok(Step::Wrote(data.len()))
         }
@@ -362,7 +363,7 @@ impl AsyncWrite for LeanTlsStream {
                 Step::Wrote(n) => {
                     written += n;
                     if written < data.len()
-                        && this.outgoing.len() + MAX_PLAINTEXT_PER_WRITE + RECORD_OVERHEAD
+                        && this.outgoing.len() + MAX_PLAINTEXT_PER_RECORD + RECORD_OVERHEAD
                             <= crate::buffers::TLS_BUFFER
                     {
                         continue;
@@ -1159,8 +1160,8 @@ mod tests {
     async fn sixteen_kib_writes_become_full_records() {
         let pki = pki();
         let (mut server, client) = manual_pair(&pki, usize::MAX).await;
-        let sent = payload(3 * MAX_PLAINTEXT_PER_WRITE, 4);
-        for chunk in sent.chunks(MAX_PLAINTEXT_PER_WRITE) {
+        let sent = payload(3 * MAX_PLAINTEXT_PER_RECORD, 4);
+        for chunk in sent.chunks(MAX_PLAINTEXT_PER_RECORD) {
             server.write_all(chunk).await.expect("write");
         }
         server.flush().await.expect("flush");
@@ -1187,7 +1188,7 @@ mod tests {
         let ManualClient {
             mut conn, mut tcp, ..
         } = client;
-        let expected = sent.len() / MAX_PLAINTEXT_PER_WRITE;
+        let expected = sent.len() / MAX_PLAINTEXT_PER_RECORD;
         let mut wire = Vec::new();
         let mut records = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -1210,7 +1211,7 @@ mod tests {
             records.retain(|len| *len > 1024);
         }
         // Plaintext + content type + 16-byte tag.
-        assert_eq!(records, vec![MAX_PLAINTEXT_PER_WRITE + 17; expected]);
+        assert_eq!(records, vec![MAX_PLAINTEXT_PER_RECORD + 17; expected]);
         let mut slice = wire.as_slice();
         let mut got = Vec::new();
         while !slice.is_empty() {
