@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::mailgate::{Login, Mailgate, MailgateOpts, Pool};
+use common::mailgate::{write_password_file, Mailgate, MailgateOpts, Pool};
 use common::{run_cmd, run_python_args, Dovecot, DovecotOpts};
 use rcgen::{CertificateParams, KeyPair};
 
@@ -387,16 +387,9 @@ fn sighup_reads_a_rotated_master_password_file() {
     let mut dovecot = backend_with(1);
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let password_file = dir.path().join("imap-master");
-    let write = |password: &str| {
-        std::fs::write(&password_file, format!("{password}\n"))
-            .unwrap_or_else(|e| panic!("writing {}: {e}", password_file.display()))
-    };
+    let write = |password: &str| write_password_file(&password_file, password);
     write(MASTER.1);
-    let mut pool = Pool::master(&[dovecot.imap_addr()], &[], MASTER.0, MASTER.1);
-    pool.login = Login::MasterFile {
-        user: MASTER.0.into(),
-        password_file: password_file.clone(),
-    };
+    let pool = Pool::master_file(&[dovecot.imap_addr()], &[], MASTER.0, &password_file);
     let mailgate = Mailgate::start(&MailgateOpts::new(pool.clone(), pool));
     let port = mailgate.port("imaps").to_string();
     let messages = || run_python_args(COUNT, &[&port, USER.0, USER.1], CLIENT_TIMEOUT);

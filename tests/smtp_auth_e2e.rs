@@ -25,7 +25,7 @@ mod common;
 use std::time::Duration;
 
 use common::mail::{message, swaks_auth_reply, unfold};
-use common::mailgate::{Login, Mailgate, MailgateOpts, Pool};
+use common::mailgate::{write_password_file, Mailgate, MailgateOpts, Pool};
 use common::{run_cmd, run_python_args, Dovecot, DovecotOpts, Postfix, PostfixOpts};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
@@ -443,21 +443,14 @@ fn sighup_reads_a_rotated_master_password_file_for_submission() {
     let mut backends = Backends::start();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
     let password_file = dir.path().join("smtp-master");
-    let write = |password: &str| {
-        std::fs::write(&password_file, format!("{password}\n"))
-            .unwrap_or_else(|e| panic!("writing {}: {e}", password_file.display()))
-    };
+    let write = |password: &str| write_password_file(&password_file, password);
     write(MASTER.1);
-    let mut pool = Pool::master(
+    let pool = Pool::master_file(
         &[backends.dovecot.imap_addr()],
         &[backends.postfix.submission_addr()],
         MASTER.0,
-        MASTER.1,
+        &password_file,
     );
-    pool.login = Login::MasterFile {
-        user: MASTER.0.into(),
-        password_file: password_file.clone(),
-    };
     let mut opts = MailgateOpts::new(pool.clone(), pool);
     opts.smtp_login = "master".into();
     let mailgate = Mailgate::start(&opts);

@@ -65,6 +65,23 @@ impl Pool {
         }
     }
 
+    /// A master login as `user` with the password read from `password_file` (see
+    /// [`write_password_file`]).
+    pub fn master_file(
+        imap: &[SocketAddr],
+        smtp: &[SocketAddr],
+        user: &str,
+        password_file: &Path,
+    ) -> Pool {
+        Pool {
+            login: Login::MasterFile {
+                user: user.into(),
+                password_file: password_file.to_path_buf(),
+            },
+            ..Pool::master(imap, smtp, user, "")
+        }
+    }
+
     /// TLS to the backends: `mode` (`starttls`, `implicit`), trusting the CA bundle `ca`
     /// (the system's trust store when `None`).
     pub fn tls(mut self, mode: &str, ca: Option<&Path>) -> Pool {
@@ -461,4 +478,10 @@ fn parse_listening(log: &str) -> HashMap<String, SocketAddr> {
             Some((name, addr))
         })
         .collect()
+}
+
+/// Writes `password` as an operator's secret file holds it (one line) to `path`.
+pub fn write_password_file(path: &Path, password: &str) {
+    std::fs::write(path, format!("{password}\n"))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
