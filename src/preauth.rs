@@ -59,7 +59,7 @@ pub trait Driver: Sync {
     /// What the server says first on an implicit-TLS listener, to go with the TLS 1.3
     /// handshake's flight (`tls_stream::accept`); empty for a protocol that must see whether
     /// the client talks first (SMTP's early-talker check).
-    fn tls_greeting(&self) -> Vec<u8>;
+    fn tls_greeting(&self) -> &'static [u8];
 
     /// Runs the protocol's pre-auth session on `stream`.
     fn session<S>(
@@ -90,8 +90,10 @@ pub async fn serve<D: Driver>(driver: &D, mut conn: Connection, tcp: TcpStream) 
             .await
             .logged_in(),
         ListenerTls::Implicit => {
-            let greeting = driver.tls_greeting();
-            match conn.tls_handshake(&mut log, tcp, &greeting).await {
+            match conn
+                .tls_handshake(&mut log, tcp, driver.tls_greeting())
+                .await
+            {
                 Some((tls, greeted)) => driver
                     .session(
                         &mut conn,

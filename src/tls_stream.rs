@@ -724,22 +724,20 @@ mod tests {
     async fn server(
         config: Arc<ServerConfig>,
     ) -> (SocketAddr, JoinHandle<io::Result<LeanTlsStream>>) {
-        let (address, task) = server_first(config, b"").await;
+        let (listener, address) = listen().await;
         let task = tokio::spawn(async move {
-            task.await
-                .map_err(io::Error::other)?
-                .map(|(stream, _)| stream)
+            let (tcp, _) = listener.accept().await?;
+            Ok(accept(config, tcp, b"").await?.0)
         });
         (address, task)
     }
 
-    /// The same, with `first` for the server to say first.
+    /// The same, with `first` for the server to say first; the task also says whether it went.
     async fn server_first(
         config: Arc<ServerConfig>,
         first: &'static [u8],
     ) -> (SocketAddr, JoinHandle<io::Result<(LeanTlsStream, bool)>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("addr");
+        let (listener, address) = listen().await;
         let task = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await?;
             accept(config, tcp, first).await
@@ -747,11 +745,16 @@ mod tests {
         (address, task)
     }
 
+    async fn listen() -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        (listener, address)
+    }
+
     const GREETING: &[u8] = b"* OK [CAPABILITY IMAP4rev1] ready\r\n";
 
     #[tokio::test]
     async fn tls13_sends_the_greeting_with_the_servers_flight() {
-        use std::io::Read;
         let pki = pki();
         let (address, server) = server_first(pki.server.clone(), GREETING).await;
         let mut client = ManualClient::connect(&pki, address, usize::MAX).await;
@@ -759,21 +762,12 @@ mod tests {
         client.send_raw(&hello).await;
         // Only the ClientHello went: what comes back is the server's flight and the greeting,
         // readable before the client's Finished has left.
-        let mut greeting = Vec::new();
-        let early = async {
-            while greeting.len() < GREETING.len() {
-                client.receive().await;
-                let mut chunk = [0u8; 256];
-                match client.conn.reader().read(&mut chunk) {
-                    Ok(n) => greeting.extend_from_slice(chunk.get(..n).unwrap_or_default()),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => panic!("client read: {e}"),
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), early)
-            .await
-            .expect("the greeting came before the client's Finished left");
+        let greeting = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.read_plaintext(GREETING.len()),
+        )
+        .await
+        .expect("the greeting came before the client's Finished left");
         assert_eq!(greeting, GREETING);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
@@ -787,14 +781,9 @@ mod tests {
         // The session goes on as usual; the ticket leaves at the server's first write.
         server.write_all(b"* BYE\r\n").await.expect("write");
         server.flush().await.expect("flush");
-        let mut bye = Vec::new();
-        while bye.len() < 7 {
-            client.receive().await;
-            let mut chunk = [0u8; 64];
-            if let Ok(n) = client.conn.reader().read(&mut chunk) {
-                bye.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            }
-        }
+        let bye = tokio::time::timeout(Duration::from_secs(5), client.read_plaintext(7))
+            .await
+            .expect("the server's first write arrived");
         assert_eq!(bye, b"* BYE\r\n");
         assert!(!server.holds_buffers(), "idle after the flush");
     }
@@ -1056,6 +1045,24 @@ mod tests {
                 self.conn
                     .process_new_packets()
                     .expect("TLS from the server");
+            }
+        }
+
+        /// Receives until `len` bytes of plaintext have been decrypted, and returns them.
+        async fn read_plaintext(&mut self, len: usize) -> Vec<u8> {
+            use std::io::Read;
+            let mut got = Vec::new();
+            loop {
+                let mut chunk = [0u8; 256];
+                match self.conn.reader().read(&mut chunk) {
+                    Ok(n) => got.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("client read: {e}"),
+                }
+                if got.len() >= len {
+                    return got;
+                }
+                self.receive().await;
             }
         }
 

@@ -2,6 +2,7 @@
 //! in to the backend in the user's order, and builds the tagged OK for the hand-over.
 //! TLS, STARTTLS, the deadline and the splice itself are `preauth`'s and `server`'s.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -31,12 +32,16 @@ impl Driver for Imap {
         idle: b"* BYE Idle for too long\r\n",
     };
 
-    fn tls_greeting(&self) -> Vec<u8> {
-        PreAuth::new(SessionConfig {
-            tls_active: true,
-            starttls_offered: false,
-        })
-        .greeting()
+    /// The implicit-TLS greeting depends on nothing but the listener's mode: made once.
+    fn tls_greeting(&self) -> &'static [u8] {
+        static GREETING: LazyLock<Vec<u8>> = LazyLock::new(|| {
+            PreAuth::new(SessionConfig {
+                tls_active: true,
+                starttls_offered: false,
+            })
+            .greeting()
+        });
+        &GREETING
     }
 
     /// Runs the pre-auth session on `stream` until it ends in STARTTLS, a login accepted by a

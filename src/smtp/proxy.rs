@@ -34,8 +34,8 @@ impl Driver for Smtp {
 
     /// Nothing early: the greeting waits until the early-talker check has looked for input
     /// after the handshake.
-    fn tls_greeting(&self) -> Vec<u8> {
-        Vec::new()
+    fn tls_greeting(&self) -> &'static [u8] {
+        b""
     }
 
     /// Runs the pre-auth session until STARTTLS, an AUTH the backend took, or the end.
