@@ -431,6 +431,83 @@ print("AFTER", after.replace("\r\n", " | "))
     );
 }
 
+/// A real OpenSSL client (Python's `ssl` over memory BIOs, so the test holds the client's
+/// bytes back): on the implicit-TLS listener with TLS 1.3, the greeting comes with the
+/// server's handshake flight, before the client has sent its `Finished`; the client then sends
+/// its `Finished` and `LOGIN` in one write and is logged in.
+#[test]
+fn the_tls13_greeting_arrives_before_the_clients_finished_leaves() {
+    let setup = Setup::start();
+    let out = setup.python(
+        r#"
+import time
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(incoming, outgoing, server_hostname="imap.skydesk.jp")
+s = socket.create_connection(("127.0.0.1", PORT), 10)
+s.settimeout(5)
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+s.sendall(outgoing.read())  # the ClientHello, nothing else
+held, greeting, done = b"", b"", False
+deadline = time.time() + 5
+while b"\r\n" not in greeting and time.time() < deadline:
+    try:
+        chunk = s.recv(65536)
+    except socket.timeout:
+        break
+    if not chunk:
+        break
+    incoming.write(chunk)
+    if not done:
+        try:
+            tls.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            continue
+    held += outgoing.read()  # the client's Finished: held back, not sent
+    try:
+        greeting += tls.read(4096)
+    except ssl.SSLWantReadError:
+        pass
+print("VERSION", tls.version())
+print("HELD", len(held))
+print("EARLY", greeting.decode(errors="replace").strip())
+tls.write(b"a1 LOGIN alice alice-pass\r\n")
+s.sendall(held + outgoing.read())  # Finished and LOGIN together
+reply = b""
+while b"a1 " not in reply:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    incoming.write(chunk)
+    try:
+        reply += tls.read(65536)
+    except ssl.SSLWantReadError:
+        pass
+print("LOGIN", reply.decode(errors="replace").split("a1 ")[-1].split(" ")[0])
+"#,
+    );
+    assert!(out.contains("VERSION TLSv1.3"), "{out}");
+    let held = out
+        .lines()
+        .find_map(|l| l.strip_prefix("HELD "))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    assert!(held > 0, "the client had its Finished to send: {out}");
+    assert!(
+        out.contains("EARLY * OK [CAPABILITY IMAP4rev1"),
+        "no greeting before the client's Finished:\n{out}\n--- mailgate ---\n{}",
+        setup.mailgate.log()
+    );
+    assert!(out.contains("LOGIN OK"), "{out}");
+}
+
 #[test]
 fn the_backend_logs_the_clients_real_address() {
     let setup = Setup::start();
