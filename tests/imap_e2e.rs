@@ -1,6 +1,7 @@
 //! IMAP end to end: real Dovecot instances behind mailgate (one per pool, each with a master
 //! user and `login_trusted_networks` for loopback), real clients in front (Python `imaplib`,
-//! `curl`, `mbsync`), the real `mailgate` binary in between.
+//! `curl`, `mbsync`, and NSS's `tstclnt` and GnuTLS' `gnutls-cli` for those TLS stacks), the
+//! real `mailgate` binary in between.
 
 mod common;
 
@@ -8,7 +9,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
-use common::{run_cmd, run_mbsync, run_python, run_python_args, Dovecot, DovecotOpts};
+use common::{
+    nss_db, run_cmd, run_mbsync, run_python, run_python_args, Dovecot, DovecotOpts, Interactive,
+};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -506,6 +509,107 @@ print("LOGIN", reply.decode(errors="replace").split("a1 ")[-1].split(" ")[0])
         setup.mailgate.log()
     );
     assert!(out.contains("LOGIN OK"), "{out}");
+}
+
+/// The TLS stacks of mail clients that Python, curl and mbsync (all OpenSSL) do not cover:
+/// NSS, Thunderbird's (through its `tstclnt`), and GnuTLS, that of Evolution and Geary
+/// (`gnutls-cli`). Each logs in, reads its pool's message and logs out over implicit TLS 1.3
+/// (where the greeting comes as 0.5-RTT data) and 1.2; GnuTLS also after `STARTTLS`.
+#[test]
+fn nss_and_gnutls_clients_log_in_read_and_log_out() {
+    let setup = Setup::start();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let db = nss_db(dir.path());
+    let (imaps, imap) = (setup.imaps(), setup.mailgate.port("imap").to_string());
+    let nss = |version: &'static str| {
+        let args = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &imaps,
+            "-a",
+            "imap.skydesk.jp",
+            "-d",
+            &db,
+        ];
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        // -o: take the development certificate; -V: this version and no other.
+        args.extend(["-o", "-V", version].map(String::from));
+        ("tstclnt", args)
+    };
+    let gnutls = |priority: &str, port: &str, starttls: bool| {
+        let mut args = vec![
+            "--insecure".to_owned(),
+            "--priority".to_owned(),
+            priority.to_owned(),
+        ];
+        if starttls {
+            args.push("--starttls-proto=imap".to_owned());
+        } else {
+            args.extend(["--sni-hostname", "imap.skydesk.jp"].map(String::from));
+        }
+        args.extend(["-p", port, "127.0.0.1"].map(String::from));
+        ("gnutls-cli", args)
+    };
+    let tls13 = "NORMAL:-VERS-ALL:+VERS-TLS1.3";
+    let tls12 = "NORMAL:-VERS-ALL:+VERS-TLS1.2";
+    // (name, client, what gnutls-cli says it negotiated, whether the greeting is ours to read:
+    // after STARTTLS gnutls-cli has read it itself)
+    let clients = [
+        ("NSS, TLS 1.3", nss("tls1.3:tls1.3"), None, true),
+        ("NSS, TLS 1.2", nss("tls1.2:tls1.2"), None, true),
+        (
+            "GnuTLS, TLS 1.3",
+            gnutls(tls13, &imaps, false),
+            Some("(TLS1.3-"),
+            true,
+        ),
+        (
+            "GnuTLS, TLS 1.2",
+            gnutls(tls12, &imaps, false),
+            Some("(TLS1.2-"),
+            true,
+        ),
+        (
+            "GnuTLS, STARTTLS",
+            gnutls(tls13, &imap, true),
+            Some("(TLS1.3-"),
+            false,
+        ),
+    ];
+    for (name, (program, args), description, greeted) in clients {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut client = Interactive::spawn(program, &args);
+        let mut step = |send: &str, needle: &str| -> String {
+            client
+                .exchange(send, needle, CLIENT_TIMEOUT)
+                .unwrap_or_else(|e| {
+                    panic!("{name}: {e}\n--- mailgate ---\n{}", setup.mailgate.log())
+                })
+        };
+        if let Some(description) = description {
+            // gnutls-cli describes the session it made before handing over the terminal.
+            step("", description);
+        }
+        if greeted {
+            let greeting = step("", "* OK");
+            assert!(
+                greeting.contains("* OK [CAPABILITY IMAP4rev1"),
+                "{name}: {greeting}"
+            );
+        }
+        let login = step("a LOGIN alice alice-pass\r\n", "a ");
+        assert!(login.trim_end().ends_with("Logged in"), "{name}: {login}");
+        assert!(login.contains("a OK "), "{name}: {login}");
+        step("b SELECT INBOX\r\n", "b OK");
+        let fetched = step("c FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n", "c OK");
+        assert!(
+            fetched.contains("Subject: welcome from pool imap"),
+            "{name}: {fetched}"
+        );
+        let logout = step("d LOGOUT\r\n", "d OK");
+        assert!(logout.contains("* BYE"), "{name}: {logout}");
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! SMTP submission end to end: a real Postfix behind mailgate (submission with `XCLIENT` from
 //! loopback, delivering over LMTP into a real Dovecot), real clients in front (`swaks`, Python
-//! `smtplib` and raw sockets, `curl`), the real `mailgate` binary in between.
+//! `smtplib` and raw sockets, `curl`, and NSS's `tstclnt` and GnuTLS' `gnutls-cli` for those TLS
+//! stacks), the real `mailgate` binary in between.
 //!
 //! Clients connect from 127.0.0.2 so that the address Postfix records (from `XCLIENT ADDR=`)
 //! is visibly the client's and not mailgate's (127.0.0.1).
@@ -13,7 +14,10 @@ use std::time::Duration;
 
 use common::mail::{message, swaks_auth_reply, unfold};
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
-use common::{run_cmd, run_python_args, Dovecot, DovecotOpts, Output, Postfix, PostfixOpts};
+use common::{
+    nss_db, run_cmd, run_python_args, Dovecot, DovecotOpts, Interactive, Output, Postfix,
+    PostfixOpts,
+};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(40);
@@ -382,6 +386,111 @@ fn messages_arrive_intact_on_465_and_587_with_user_and_client_address() {
         !log.contains("alice-pass") && !log.contains("dave-pass"),
         "a password reached the log:\n{log}"
     );
+}
+
+/// Thunderbird's TLS stack (NSS, through its `tstclnt`) on 465 and GnuTLS' `gnutls-cli` on 587
+/// after `STARTTLS`, typed as a user would: `EHLO`, `AUTH PLAIN`, a dot-stuffed message; it
+/// arrives with its body as sent.
+#[test]
+fn nss_and_gnutls_clients_submit_messages_that_arrive_intact() {
+    let setup = Setup::start(PostfixOpts::default());
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let db = nss_db(dir.path());
+    let (smtps, submission) = (setup.port("submissions"), setup.port("submission"));
+    let nss = [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &smtps,
+        "-a",
+        "smtp.skydesk.jp",
+        "-d",
+        &db,
+        "-o",
+        "-V",
+        "tls1.3:tls1.3",
+    ];
+    let gnutls = [
+        "--insecure",
+        "--starttls-proto=smtp",
+        "-p",
+        &submission,
+        "127.0.0.1",
+    ];
+    // (name, client, sender, password, recipient, whether the greeting is ours to read: after
+    // STARTTLS gnutls-cli has read it, and sent its own EHLO, itself)
+    let cases = [
+        (
+            "NSS 465",
+            "tstclnt",
+            &nss[..],
+            "alice@skydesk.jp",
+            "alice-pass",
+            "dave@example.com",
+            true,
+        ),
+        (
+            "GnuTLS 587",
+            "gnutls-cli",
+            &gnutls[..],
+            "dave@example.com",
+            "dave-pass",
+            "alice@skydesk.jp",
+            false,
+        ),
+    ];
+    for (name, program, args, from, password, to, greeted) in cases {
+        let mut client = Interactive::spawn(program, args);
+        let mut step = |send: &str, needle: &str| -> String {
+            client
+                .exchange(send, needle, CLIENT_TIMEOUT)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{name}: {e}\n--- mailgate ---\n{}\n--- postfix ---\n{}",
+                        setup.mailgate.log(),
+                        setup.postfix.log()
+                    )
+                })
+        };
+        if greeted {
+            step("", "220 ");
+        }
+        let ehlo = step("EHLO client.example\r\n", "250 ");
+        assert!(ehlo.contains("AUTH PLAIN"), "{name}: {ehlo}");
+        let plain = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("\0{from}\0{password}"),
+        );
+        step(&format!("AUTH PLAIN {plain}\r\n"), "235 ");
+        step(&format!("MAIL FROM:<{from}>\r\n"), "250 ");
+        step(&format!("RCPT TO:<{to}>\r\n"), "250 ");
+        step("DATA\r\n", "354 ");
+        let subject = format!("typed through {name}");
+        let (whole, body) = message(from, to, &subject);
+        let whole = String::from_utf8(whole).unwrap_or_else(|e| panic!("message: {e}"));
+        let stuffed: String = whole
+            .split_inclusive("\r\n")
+            .map(|line| {
+                if line.starts_with('.') {
+                    format!(".{line}")
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect();
+        let queued = step(&format!("{stuffed}.\r\n"), "250 ");
+        assert!(queued.contains("queued as"), "{name}: {queued}");
+        step("QUIT\r\n", "221 ");
+        let stored = delivered(&setup.dovecot, to, &subject);
+        let (_, stored_body) = split_message(&stored);
+        let expected = lf(&body);
+        assert!(
+            stored_body == expected.as_slice(),
+            "{name}: the body changed on the way:\n{}\n--- sent ---\n{}",
+            String::from_utf8_lossy(stored_body),
+            String::from_utf8_lossy(&expected)
+        );
+    }
 }
 
 /// Every SMTP row of DESIGN.md's decision table, with swaks, AUTH PLAIN and AUTH LOGIN, on 465

@@ -1,5 +1,6 @@
 //! Real clients with a deadline: Python scripts (`imaplib`, `smtplib`) and command-line tools
-//! (`curl`, `swaks`, `mbsync`, `doveadm`).
+//! (`curl`, `swaks`, `mbsync`, `doveadm`), and TLS command-line clients driven a step at a time
+//! ([`Interactive`]: NSS's `tstclnt`, GnuTLS' `gnutls-cli`).
 //!
 //! A client that outlives its deadline is killed and its [`Output`] says `timed_out`, so a hung
 //! proxy fails the test instead of hanging it.
@@ -7,7 +8,8 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -120,11 +122,166 @@ pub async fn run_cmd_async(program: &str, args: &[&str], timeout: Duration) -> O
     .unwrap_or_else(|e| panic!("client task: {e}"))
 }
 
-fn run(program: &str, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
-    let command = std::iter::once(program)
+/// A command-line client kept running and driven a step at a time, as a user at a terminal
+/// would: [`Interactive::send`] writes to its standard input, [`Interactive::expect`] waits, with
+/// a deadline, for a text in what it has printed since. Killed, with its process group, when
+/// dropped.
+pub struct Interactive {
+    command: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Drain,
+    stderr: Drain,
+    /// How much of stdout earlier `expect` calls returned.
+    seen: usize,
+}
+
+impl Interactive {
+    pub fn spawn(program: &str, args: &[&str]) -> Interactive {
+        let command = command_line(program, args);
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning `{command}`: {e}"));
+        let stdin = child.stdin.take();
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        Interactive {
+            command,
+            child,
+            stdin,
+            stdout,
+            stderr,
+            seen: 0,
+        }
+    }
+
+    /// Writes `text` as it is (line ends included) to the client's standard input.
+    ///
+    /// # Errors
+    /// The client closed its input (it exited): the transcript so far.
+    pub fn send(&mut self, text: &str) -> Result<(), String> {
+        let written = match self.stdin.as_mut() {
+            Some(pipe) => pipe.write_all(text.as_bytes()).and_then(|()| pipe.flush()),
+            None => return Err(self.transcript()),
+        };
+        written.map_err(|e| format!("writing {text:?}: {e}\n{}", self.transcript()))
+    }
+
+    /// Waits until what the client printed since the last `expect` holds `needle`, and returns
+    /// that text up to the end of the line holding it.
+    ///
+    /// # Errors
+    /// `timeout` passed first, or the client exited first: the transcript so far.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let bytes = self.stdout.bytes.lock().unwrap_or_else(|p| p.into_inner());
+                let fresh = bytes.get(self.seen..).unwrap_or_default();
+                if let Some(at) = find(fresh, needle.as_bytes()) {
+                    let rest = fresh.get(at..).unwrap_or_default();
+                    let end = at
+                        + rest
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .map_or(rest.len(), |n| n + 1);
+                    let text =
+                        String::from_utf8_lossy(fresh.get(..end).unwrap_or_default()).into_owned();
+                    self.seen += end;
+                    return Ok(text);
+                }
+            }
+            let exited = self.stdout.reader.is_finished();
+            if exited || Instant::now() >= deadline {
+                let why = if exited {
+                    "the client exited"
+                } else {
+                    "timed out"
+                };
+                return Err(format!(
+                    "waiting for {needle:?}: {why}\n{}",
+                    self.transcript()
+                ));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// [`send`](Self::send) `text` (nothing when it is empty), then [`expect`](Self::expect)
+    /// `needle`.
+    ///
+    /// # Errors
+    /// As theirs.
+    pub fn exchange(
+        &mut self,
+        text: &str,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        if !text.is_empty() {
+            self.send(text)?;
+        }
+        self.expect(needle, timeout)
+    }
+
+    /// The command and everything it printed so far.
+    pub fn transcript(&self) -> String {
+        let text = |d: &Drain| {
+            let bytes = d.bytes.lock().unwrap_or_else(|p| p.into_inner());
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        format!(
+            "$ {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.command,
+            text(&self.stdout),
+            text(&self.stderr)
+        )
+    }
+}
+
+impl Drop for Interactive {
+    fn drop(&mut self) {
+        self.stdin.take();
+        super::signal_group(self.child.id(), "KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// An empty NSS certificate database in `dir` (what `tstclnt -d` needs even when the server's
+/// certificate is not checked); returns its `sql:` name.
+pub fn nss_db(dir: &Path) -> String {
+    let db = format!("sql:{}", dir.display());
+    run_cmd(
+        "certutil",
+        &["-N", "-d", &db, "--empty-password"],
+        Duration::from_secs(20),
+    )
+    .assert_success();
+    db
+}
+
+fn command_line(program: &str, args: &[&str]) -> String {
+    std::iter::once(program)
         .chain(args.iter().copied())
         .collect::<Vec<_>>()
-        .join(" ");
+        .join(" ")
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    let command = command_line(program, args);
     let mut child = Command::new(program)
         .args(args)
         .stdin(if stdin.is_some() {

@@ -9,7 +9,8 @@
 //!   loopback and counts `XCLIENT LOGIN=` as authenticated, delivering to a Dovecot over LMTP;
 //!   optionally judging `AUTH` through that Dovecot's auth service (`smtpd_sasl_type = dovecot`).
 //! - [`clients`]: run Python `imaplib`/`smtplib` scripts and command-line clients (`curl`,
-//!   `swaks`, `mbsync`) with a deadline, killing them when it passes.
+//!   `swaks`, `mbsync`) with a deadline, killing them when it passes, and drive TLS command-line
+//!   clients (`tstclnt`, `gnutls-cli`) a step at a time.
 //!
 //! Everything here is blocking and bounded in time. From a `#[tokio::test]` on the default
 //! current-thread runtime, use the `*_async` client helpers while the proxy runs on that
@@ -42,8 +43,8 @@ use std::time::{Duration, Instant};
 // Not every test crate uses every helper.
 #[allow(unused_imports)]
 pub use clients::{
-    run_cmd, run_cmd_async, run_cmd_stdin, run_mbsync, run_python, run_python_args,
-    run_python_async, Output,
+    nss_db, run_cmd, run_cmd_async, run_cmd_stdin, run_mbsync, run_python, run_python_args,
+    run_python_async, Interactive, Output,
 };
 #[allow(unused_imports)]
 pub use dovecot::{Dovecot, DovecotOpts};
