@@ -31,10 +31,28 @@ use saphyr_parser::{Event, Parser};
 use serde::de::{self, Visitor};
 use serde::Deserialize;
 
-/// A secret read from config: its `Debug` and `Display` never show it.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+/// A secret read from config: its `Debug` and `Display` never show it, comparing two takes the
+/// same time wherever they differ, and its bytes are wiped when it is dropped.
+#[derive(Clone, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+/// Compared at a reload (has the master password changed?): in constant time, so how long the
+/// comparison took says nothing of how much of the old secret the new one shares.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(self.0.as_bytes(), other.0.as_bytes())
+            .is_ok()
+    }
+}
+
+impl Eq for Secret {}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
@@ -1649,6 +1667,17 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_compare_by_value_and_never_show() {
+        let secret = Secret::new("master-secret");
+        assert!(secret == Secret::new("master-secret"));
+        assert!(secret != Secret::new("master-secreT"));
+        assert!(secret != Secret::new("master-secret2"));
+        assert!(secret != Secret::new(""));
+        assert!(Secret::new("") == Secret::new(""));
+        assert_eq!(format!("{secret} {secret:?}"), "*** ***");
+    }
 
     #[test]
     fn durations() {
