@@ -180,6 +180,9 @@ impl Interactive {
     pub fn expect(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         loop {
+            // Read before the search: output that came just before the client exited is
+            // still searched once.
+            let exited = self.stdout.reader.is_finished();
             {
                 let bytes = self.stdout.bytes.lock().unwrap_or_else(|p| p.into_inner());
                 let fresh = bytes.get(self.seen..).unwrap_or_default();
@@ -196,7 +199,6 @@ impl Interactive {
                     return Ok(text);
                 }
             }
-            let exited = self.stdout.reader.is_finished();
             if exited || Instant::now() >= deadline {
                 let why = if exited {
                     "the client exited"
