@@ -745,10 +745,13 @@ pub(crate) mod test_pki {
         /// As [`Pki::acceptor`], asking every client for a certificate of this CA, and
         /// taking clients without one too (Dovecot's `ssl_verify_client_cert`).
         pub fn acceptor_asking_clients(&self, names: &[&str]) -> TlsAcceptor {
-            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(self.roots()))
-                .allow_unauthenticated()
-                .build()
-                .expect("client verifier");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(self.roots()),
+                crate::tls_provider::shared_provider(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .expect("client verifier");
             self.server(names, Some(verifier))
         }
 

@@ -48,6 +48,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // rustls is built with two providers (aws-lc-rs, and ring for its AEADs), so it cannot pick a
+    // process default itself: ours is it, for anything that asks for the default.
+    let _ = rustls::crypto::CryptoProvider::install_default(mailgate::tls_provider::provider());
     let cli = Cli::parse();
     init_logs(cli.log_format);
     match cli.command {
