@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
 use common::{
-    nss_db, run_cmd, run_mbsync, run_python, run_python_args, Dovecot, DovecotOpts, Interactive,
+    gnutls_cli, nss_db, run_cmd, run_mbsync, run_python, run_python_args, tstclnt, Dovecot,
+    DovecotOpts, Launch, TlsVersion,
 };
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
@@ -520,66 +521,37 @@ fn nss_and_gnutls_clients_log_in_read_and_log_out() {
     let setup = Setup::start();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
     let db = nss_db(dir.path());
-    let (imaps, imap) = (setup.imaps(), setup.mailgate.port("imap").to_string());
-    let nss = |version: &'static str| {
-        let args = [
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &imaps,
-            "-a",
-            "imap.skydesk.jp",
-            "-d",
-            &db,
-        ];
-        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        // -o: take the development certificate; -V: this version and no other.
-        args.extend(["-o", "-V", version].map(String::from));
-        ("tstclnt", args)
-    };
-    let gnutls = |priority: &str, port: &str, starttls: bool| {
-        let mut args = vec![
-            "--insecure".to_owned(),
-            "--priority".to_owned(),
-            priority.to_owned(),
-        ];
-        if starttls {
-            args.push("--starttls-proto=imap".to_owned());
-        } else {
-            args.extend(["--sni-hostname", "imap.skydesk.jp"].map(String::from));
-        }
-        args.extend(["-p", port, "127.0.0.1"].map(String::from));
-        ("gnutls-cli", args)
-    };
-    let tls13 = "NORMAL:-VERS-ALL:+VERS-TLS1.3";
-    let tls12 = "NORMAL:-VERS-ALL:+VERS-TLS1.2";
+    let (imaps, imap) = (setup.mailgate.port("imaps"), setup.mailgate.port("imap"));
+    let name = "imap.skydesk.jp";
+    let nss = |version| tstclnt(imaps, name, &db, version);
+    let gnutls = |version| gnutls_cli(imaps, name, version, None);
+    let gnutls_starttls = || gnutls_cli(imap, name, TlsVersion::V13, Some("imap"));
     // (name, client, what gnutls-cli says it negotiated, whether the greeting is ours to read:
     // after STARTTLS gnutls-cli has read it itself)
-    let clients = [
-        ("NSS, TLS 1.3", nss("tls1.3:tls1.3"), None, true),
-        ("NSS, TLS 1.2", nss("tls1.2:tls1.2"), None, true),
+    let clients: [(&str, Launch, Option<&str>, bool); 5] = [
+        ("NSS, TLS 1.3", &|| nss(TlsVersion::V13), None, true),
+        ("NSS, TLS 1.2", &|| nss(TlsVersion::V12), None, true),
         (
             "GnuTLS, TLS 1.3",
-            gnutls(tls13, &imaps, false),
+            &|| gnutls(TlsVersion::V13),
             Some("(TLS1.3-"),
             true,
         ),
         (
             "GnuTLS, TLS 1.2",
-            gnutls(tls12, &imaps, false),
+            &|| gnutls(TlsVersion::V12),
             Some("(TLS1.2-"),
             true,
         ),
         (
             "GnuTLS, STARTTLS",
-            gnutls(tls13, &imap, true),
+            &gnutls_starttls,
             Some("(TLS1.3-"),
             false,
         ),
     ];
-    for (name, (program, args), description, greeted) in clients {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut client = Interactive::spawn(program, &args);
+    for (name, spawn, description, greeted) in clients {
+        let mut client = spawn();
         let mut step = |send: &str, needle: &str| -> String {
             client
                 .exchange(send, needle, CLIENT_TIMEOUT)

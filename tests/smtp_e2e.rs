@@ -15,8 +15,8 @@ use std::time::Duration;
 use common::mail::{message, swaks_auth_reply, unfold};
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
 use common::{
-    nss_db, run_cmd, run_python_args, Dovecot, DovecotOpts, Interactive, Output, Postfix,
-    PostfixOpts,
+    gnutls_cli, nss_db, run_cmd, run_python_args, tstclnt, Dovecot, DovecotOpts, Launch, Output,
+    Postfix, PostfixOpts, TlsVersion,
 };
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
@@ -396,34 +396,19 @@ fn nss_and_gnutls_clients_submit_messages_that_arrive_intact() {
     let setup = Setup::start(PostfixOpts::default());
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
     let db = nss_db(dir.path());
-    let (smtps, submission) = (setup.port("submissions"), setup.port("submission"));
-    let nss = [
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &smtps,
-        "-a",
-        "smtp.skydesk.jp",
-        "-d",
-        &db,
-        "-o",
-        "-V",
-        "tls1.3:tls1.3",
-    ];
-    let gnutls = [
-        "--insecure",
-        "--starttls-proto=smtp",
-        "-p",
-        &submission,
-        "127.0.0.1",
-    ];
+    let (smtps, submission) = (
+        setup.mailgate.port("submissions"),
+        setup.mailgate.port("submission"),
+    );
+    let name = "smtp.skydesk.jp";
+    let nss = || tstclnt(smtps, name, &db, TlsVersion::V13);
+    let gnutls = || gnutls_cli(submission, name, TlsVersion::V13, Some("smtp"));
     // (name, client, sender, password, recipient, whether the greeting is ours to read: after
     // STARTTLS gnutls-cli has read it, and sent its own EHLO, itself)
-    let cases = [
+    let cases: [(&str, Launch, &str, &str, &str, bool); 2] = [
         (
             "NSS 465",
-            "tstclnt",
-            &nss[..],
+            &nss,
             "alice@skydesk.jp",
             "alice-pass",
             "dave@example.com",
@@ -431,16 +416,15 @@ fn nss_and_gnutls_clients_submit_messages_that_arrive_intact() {
         ),
         (
             "GnuTLS 587",
-            "gnutls-cli",
-            &gnutls[..],
+            &gnutls,
             "dave@example.com",
             "dave-pass",
             "alice@skydesk.jp",
             false,
         ),
     ];
-    for (name, program, args, from, password, to, greeted) in cases {
-        let mut client = Interactive::spawn(program, args);
+    for (name, spawn, from, password, to, greeted) in cases {
+        let mut client = spawn();
         let mut step = |send: &str, needle: &str| -> String {
             client
                 .exchange(send, needle, CLIENT_TIMEOUT)

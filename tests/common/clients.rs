@@ -262,6 +262,70 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// How a test table's case starts its client.
+pub type Launch<'a> = &'a dyn Fn() -> Interactive;
+
+/// The one TLS version a command-line client is held to.
+#[derive(Debug, Clone, Copy)]
+pub enum TlsVersion {
+    V12,
+    V13,
+}
+
+/// NSS's `tstclnt` (Thunderbird's TLS stack) connected to `127.0.0.1:port` over implicit TLS,
+/// sending `server_name`, taking any certificate (`-o`: the development one) and speaking
+/// `version` only; `db` is an [`nss_db`].
+pub fn tstclnt(port: u16, server_name: &str, db: &str, version: TlsVersion) -> Interactive {
+    let version = match version {
+        TlsVersion::V12 => "tls1.2:tls1.2",
+        TlsVersion::V13 => "tls1.3:tls1.3",
+    };
+    let port = port.to_string();
+    let args = [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-a",
+        server_name,
+        "-d",
+        db,
+        "-o",
+        "-V",
+        version,
+    ];
+    Interactive::spawn("tstclnt", &args)
+}
+
+/// GnuTLS' `gnutls-cli` (Evolution's and Geary's TLS stack) connected to `127.0.0.1:port`,
+/// sending `server_name`, taking any certificate and speaking `version` only. With `starttls`
+/// (`imap`, `smtp`) it first does that protocol's `STARTTLS` itself, reading the greeting (and,
+/// for SMTP, sending its own `EHLO`); otherwise the TLS is implicit. It prints a line
+/// `- Description: (TLS1.3-…` once the handshake is done.
+pub fn gnutls_cli(
+    port: u16,
+    server_name: &str,
+    version: TlsVersion,
+    starttls: Option<&str>,
+) -> Interactive {
+    let priority = match version {
+        TlsVersion::V12 => "NORMAL:-VERS-ALL:+VERS-TLS1.2",
+        TlsVersion::V13 => "NORMAL:-VERS-ALL:+VERS-TLS1.3",
+    };
+    let port = port.to_string();
+    let starttls = starttls.map(|proto| format!("--starttls-proto={proto}"));
+    let mut args = vec![
+        "--insecure",
+        "--priority",
+        priority,
+        "--sni-hostname",
+        server_name,
+    ];
+    args.extend(starttls.as_deref());
+    args.extend(["-p", &port, "127.0.0.1"]);
+    Interactive::spawn("gnutls-cli", &args)
+}
+
 /// An empty NSS certificate database in `dir` (what `tstclnt -d` needs even when the server's
 /// certificate is not checked); returns its `sql:` name.
 pub fn nss_db(dir: &Path) -> String {

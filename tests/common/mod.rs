@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 // Not every test crate uses every helper.
 #[allow(unused_imports)]
 pub use clients::{
-    nss_db, run_cmd, run_cmd_async, run_cmd_stdin, run_mbsync, run_python, run_python_args,
-    run_python_async, Interactive, Output,
+    gnutls_cli, nss_db, run_cmd, run_cmd_async, run_cmd_stdin, run_mbsync, run_python,
+    run_python_args, run_python_async, tstclnt, Interactive, Launch, Output, TlsVersion,
 };
 #[allow(unused_imports)]
 pub use dovecot::{Dovecot, DovecotOpts};
