@@ -49,10 +49,12 @@ pub fn provider() -> CryptoProvider {
     provider
 }
 
-/// [`provider`] in an `Arc`, as rustls' config builders take it.
+/// [`provider`] in an `Arc`, as rustls' config builders take it: one for the process, shared
+/// by the listeners' config and every backend pool's (made again at each reload).
 #[must_use]
 pub fn shared_provider() -> Arc<CryptoProvider> {
-    Arc::new(provider())
+    static SHARED: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| Arc::new(provider()));
+    SHARED.clone()
 }
 
 static HMAC_SHA256: AwsLcHmac = AwsLcHmac(&hmac::HMAC_SHA256);
