@@ -119,18 +119,14 @@ impl LoginRun {
     }
 }
 
-/// `clients` concurrent clients, each looping connect + TLS + LOGIN + LOGOUT until `duration`
-/// is over or the users run out.
-pub async fn logins(
-    conn: &Conn,
-    users: Arc<Users>,
-    clients: usize,
-    duration: Duration,
-) -> LoginRun {
+/// One concurrent client per `Conn` (each with its own TLS session store, as each device keeps
+/// its own tickets), each looping connect + TLS + LOGIN + LOGOUT until `duration` is over or
+/// the users run out.
+pub async fn logins(clients: &[Conn], users: Arc<Users>, duration: Duration) -> LoginRun {
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = JoinSet::new();
-    for _ in 0..clients {
+    for conn in clients {
         let conn = conn.clone();
         let users = users.clone();
         tasks.spawn(async move {

@@ -426,29 +426,34 @@ impl Phase {
 struct Bench {
     plan: Plan,
     lab: Lab,
-    conns: Vec<(Kind, Conn)>,
+    /// Per target, one connection per login client, each with its own TLS session store (kept
+    /// for the whole run, as a device keeps its tickets); the first also serves the phases of
+    /// one or a few sessions.
+    conns: Vec<(Kind, Vec<Conn>)>,
     /// The same targets, offering no TLS session resumption (the full-handshake phase).
-    full_conns: Vec<(Kind, Conn)>,
+    full_conns: Vec<(Kind, Vec<Conn>)>,
     clk: u64,
     results: Results,
 }
 
 impl Bench {
-    /// The target's connection without TLS session resumption.
-    fn full_conn(&self, kind: Kind) -> Result<Conn> {
-        self.full_conns
+    /// The target's login clients' connections, with or without TLS session resumption.
+    fn client_conns(&self, kind: Kind, resumption: bool) -> Result<&[Conn]> {
+        let conns = if resumption {
+            &self.conns
+        } else {
+            &self.full_conns
+        };
+        conns
             .iter()
             .find(|(k, _)| *k == kind)
-            .map(|(_, c)| c.clone())
+            .and_then(|(_, c)| c.first().map(|_| c.as_slice()))
             .with_context(|| format!("no connection for {}", kind.name()))
     }
 
+    /// The connection of the phases that hold one or a few sessions.
     fn conn(&self, kind: Kind) -> Result<Conn> {
-        self.conns
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map(|(_, c)| c.clone())
-            .with_context(|| format!("no connection for {}", kind.name()))
+        Ok(self.client_conns(kind, true)?[0].clone())
     }
 
     /// CPU ticks of the target, its auth service, the backend, and the system time of the
@@ -514,20 +519,18 @@ impl Bench {
     /// repeat users after logging each in once (unmeasured), the latter without resumption.
     async fn logins(&mut self, phase: Phase, kind: Kind, rep: usize, who: &str) -> Result<()> {
         let m = LoginMetrics::of(phase);
-        let conn = if phase == Phase::FullHandshakes {
-            self.full_conn(kind)?
-        } else {
-            self.conn(kind)?
-        };
+        let conns = self
+            .client_conns(kind, phase != Phase::FullHandshakes)?
+            .to_vec();
         let users = if phase == Phase::FirstLogins {
             let (a, b) = self.plan.first_users(rep);
             Users::once(a, b)
         } else {
-            self.warm_up(&conn, who).await;
+            self.warm_up(&conns, who).await;
             Users::cycle(1, self.plan.repeat_users)
         };
         let before = self.cpu(kind);
-        let run = load::logins(&conn, users, self.plan.clients, self.plan.login).await;
+        let run = load::logins(&conns, users, self.plan.login).await;
         let after = self.cpu(kind);
         self.lab.check_alive()?;
         if run.failed > 0 {
@@ -652,7 +655,8 @@ impl Bench {
             "idle sessions",
             kind.name()
         );
-        let conn = self.conn(kind)?;
+        let conns = self.client_conns(kind, true)?.to_vec();
+        let conn = conns[0].clone();
         self.lab.stop(kind);
         self.lab.start(kind)?;
         if kind == Kind::Direct {
@@ -664,7 +668,7 @@ impl Bench {
         let fresh = procfs::rss_kib(pid);
         // Each idle user logs in once first, so one-off costs that are not per session
         // (mailgate's argon2 runs and its verification cache) are in `before`.
-        self.warm_up(&conn, &who).await;
+        self.warm_up(&conns, &who).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = procfs::rss_kib(pid);
         let start = Instant::now();
@@ -714,13 +718,13 @@ impl Bench {
         Ok(())
     }
 
-    /// Logs each repeat user in once through `conn` (unmeasured), so one-off costs (mailgate's
-    /// argon2 runs, Dovecot creating mailboxes) are out of what is measured next.
-    async fn warm_up(&mut self, conn: &Conn, who: &str) {
+    /// Logs each repeat user in once through the login clients (unmeasured), so one-off costs
+    /// (mailgate's argon2 runs, Dovecot creating mailboxes) are out of what is measured next,
+    /// and every client that logged a user in holds a ticket.
+    async fn warm_up(&mut self, clients: &[Conn], who: &str) {
         let warm = load::logins(
-            conn,
+            clients,
             Users::once(1, self.plan.repeat_users),
-            self.plan.clients,
             Duration::from_secs(120),
         )
         .await;
@@ -828,24 +832,25 @@ async fn bench(args: Args) -> Result<()> {
             Kind::Nginx => env.ports.nginx,
             Kind::Direct => env.ports.dovecot_tls,
         };
-        let conn = Conn {
-            addr: loopback(port),
-            connector: choice.connector()?,
-            name: name.clone(),
-        };
-        wait_login(&mut lab, kind, &conn).await?;
         let full = TlsChoice {
             resumption: false,
             ..choice.clone()
         };
-        full_conns.push((
-            kind,
-            Conn {
-                connector: full.connector()?,
-                ..conn.clone()
-            },
-        ));
-        conns.push((kind, conn));
+        let clients = |choice: &TlsChoice| -> Result<Vec<Conn>> {
+            (0..plan.clients)
+                .map(|_| {
+                    Ok(Conn {
+                        addr: loopback(port),
+                        connector: choice.connector()?,
+                        name: name.clone(),
+                    })
+                })
+                .collect()
+        };
+        let resuming = clients(&choice)?;
+        wait_login(&mut lab, kind, &resuming[0]).await?;
+        full_conns.push((kind, clients(&full)?));
+        conns.push((kind, resuming));
     }
     let header = header(&plan, &args, &env);
     println!("{header}");

@@ -1,7 +1,10 @@
 //! The client side of TLS: one rustls client config per target (so session tickets of one
 //! target are never offered to another), restricted to one protocol version, cipher suite and key
 //! exchange group (X25519) so every target negotiates the same, and a verifier that checks the handshake signature (real
-//! work, as in a mail client) but not the chain of the bench's self-signed certificate.
+//! work, as in a mail client) but not the chain of the bench's self-signed certificate. The
+//! crypto is mailgate's own provider (`mailgate::tls_provider`: ring's AEADs, aws-lc-rs for the
+//! rest), the cheapest this machine has, so the load generator takes as little as it can of the
+//! two cores it shares with the targets; it is the same client for every target.
 
 use std::fmt;
 use std::sync::Arc;
@@ -27,15 +30,14 @@ impl TlsChoice {
     /// `name` is a rustls suite name such as `TLS13_AES_256_GCM_SHA384` or
     /// `TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384`.
     pub fn new(name: &str, resumption: bool) -> Result<TlsChoice> {
-        let suite = aws_lc_rs::ALL_CIPHER_SUITES
+        let suites = mailgate::tls_provider::provider().cipher_suites;
+        let suite = suites
             .iter()
             .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name))
             .copied()
             .ok_or_else(|| {
-                let names: Vec<String> = aws_lc_rs::ALL_CIPHER_SUITES
-                    .iter()
-                    .map(|s| format!("{:?}", s.suite()))
-                    .collect();
+                let names: Vec<String> =
+                    suites.iter().map(|s| format!("{:?}", s.suite())).collect();
                 anyhow!("unknown cipher suite {name}; one of {}", names.join(", "))
             })?;
         Ok(TlsChoice { suite, resumption })
@@ -48,7 +50,7 @@ impl TlsChoice {
             // X25519 alone: nginx's OpenSSL 3.0 has no post-quantum group, and every target
             // must negotiate the same.
             kx_groups: vec![aws_lc_rs::kx_group::X25519],
-            ..aws_lc_rs::default_provider()
+            ..mailgate::tls_provider::provider()
         });
         let version = self.suite.version();
         let mut config = ClientConfig::builder_with_provider(provider.clone())
