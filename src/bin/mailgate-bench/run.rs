@@ -1032,7 +1032,7 @@ fn header(plan: &Plan, args: &Args, env: &Env) -> String {
         if args.no_resumption {
             ", no resumption"
         } else {
-            ", session resumption on (one ticket store per target)"
+            ", session resumption on (one ticket store per login client and target)"
         }
     );
     let _ = writeln!(

@@ -1,4 +1,4 @@
-//! The client side of TLS: one rustls client config per target (so session tickets of one
+//! The client side of TLS: one rustls client config per login client and target (so session tickets of one
 //! target are never offered to another), restricted to one protocol version, cipher suite and key
 //! exchange group (X25519) so every target negotiates the same, and a verifier that checks the handshake signature (real
 //! work, as in a mail client) but not the chain of the bench's self-signed certificate. The
