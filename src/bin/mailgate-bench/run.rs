@@ -447,11 +447,12 @@ impl Bench {
         conns
             .iter()
             .find(|(k, _)| *k == kind)
-            .and_then(|(_, c)| c.first().map(|_| c.as_slice()))
+            .map(|(_, c)| c.as_slice())
+            .filter(|c| !c.is_empty())
             .with_context(|| format!("no connection for {}", kind.name()))
     }
 
-    /// The connection of the phases that hold one or a few sessions.
+    /// The connection of the phases that hold one or a few sessions (the first login client's).
     fn conn(&self, kind: Kind) -> Result<Conn> {
         Ok(self.client_conns(kind, true)?[0].clone())
     }

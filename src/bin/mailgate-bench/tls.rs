@@ -1,10 +1,11 @@
-//! The client side of TLS: one rustls client config per login client and target (so session tickets of one
-//! target are never offered to another), restricted to one protocol version, cipher suite and key
-//! exchange group (X25519) so every target negotiates the same, and a verifier that checks the handshake signature (real
-//! work, as in a mail client) but not the chain of the bench's self-signed certificate. The
-//! crypto is mailgate's own provider (`mailgate::tls_provider`: ring's AEADs, aws-lc-rs for the
-//! rest), the cheapest this machine has, so the load generator takes as little as it can of the
-//! two cores it shares with the targets; it is the same client for every target.
+//! The client side of TLS: one rustls client config per login client and target (so session
+//! tickets of one target are never offered to another, and each client keeps its own, as a
+//! device does), restricted to one protocol version, cipher suite and key exchange group
+//! (X25519) so every target negotiates the same, and a verifier that checks the handshake
+//! signature (real work, as in a mail client) but not the chain of the bench's self-signed
+//! certificate. The crypto is mailgate's own provider (`mailgate::tls_provider`: ring's AEADs,
+//! aws-lc-rs for the rest), the cheapest this machine has, so the load generator takes as little
+//! as it can of the two cores it shares with the targets; it is the same client for every target.
 
 use std::fmt;
 use std::sync::Arc;
