@@ -16,6 +16,7 @@
 use std::sync::{Arc, LazyLock};
 
 use aws_lc_rs::hmac;
+use rustls::crypto::cipher::{Tls12AeadAlgorithm, Tls13AeadAlgorithm};
 use rustls::crypto::hmac::{Hmac, Key, Tag};
 use rustls::crypto::tls13::HkdfUsingHmac;
 use rustls::crypto::CryptoProvider;
@@ -85,10 +86,7 @@ fn keyed(base: &'static Tls13CipherSuite) -> Tls13CipherSuite {
             confidentiality_limit: base.common.confidentiality_limit,
         },
         hkdf_provider,
-        aead_alg: ring_suite(base.common.suite).map_or(base.aead_alg, |ring| match ring {
-            SupportedCipherSuite::Tls13(ring) => ring.aead_alg,
-            SupportedCipherSuite::Tls12(_) => base.aead_alg,
-        }),
+        aead_alg: ring_tls13_aead(base.common.suite).unwrap_or(base.aead_alg),
         quic: base.quic,
     }
 }
@@ -107,22 +105,31 @@ static TLS12_SUITES: LazyLock<Vec<Tls12CipherSuite>> = LazyLock::new(|| {
                 prf_provider: base.prf_provider,
                 kx: base.kx,
                 sign: base.sign,
-                aead_alg: match ring_suite(base.common.suite) {
-                    Some(SupportedCipherSuite::Tls12(ring)) => ring.aead_alg,
-                    _ => base.aead_alg,
-                },
+                aead_alg: ring_tls12_aead(base.common.suite).unwrap_or(base.aead_alg),
             }),
             SupportedCipherSuite::Tls13(_) => None,
         })
         .collect()
 });
 
-/// *ring*'s suite of that name (for its record-layer AEAD).
-fn ring_suite(suite: rustls::CipherSuite) -> Option<SupportedCipherSuite> {
+/// *ring*'s record-layer AEAD of the TLS 1.3 suite of that name.
+fn ring_tls13_aead(suite: rustls::CipherSuite) -> Option<&'static dyn Tls13AeadAlgorithm> {
     rustls::crypto::ring::ALL_CIPHER_SUITES
         .iter()
-        .copied()
-        .find(|s| s.suite() == suite)
+        .find_map(|s| match s {
+            SupportedCipherSuite::Tls13(ring) if ring.common.suite == suite => Some(ring.aead_alg),
+            _ => None,
+        })
+}
+
+/// *ring*'s record-layer AEAD of the TLS 1.2 suite of that name.
+fn ring_tls12_aead(suite: rustls::CipherSuite) -> Option<&'static dyn Tls12AeadAlgorithm> {
+    rustls::crypto::ring::ALL_CIPHER_SUITES
+        .iter()
+        .find_map(|s| match s {
+            SupportedCipherSuite::Tls12(ring) if ring.common.suite == suite => Some(ring.aead_alg),
+            _ => None,
+        })
 }
 
 /// rustls' HMAC interface on aws-lc-rs' HMAC: the key's pads are hashed once, in `with_key`.
@@ -233,15 +240,11 @@ mod tests {
         assert_eq!(names(&ours), names(&theirs));
         assert_eq!(ours.kx_groups.len(), theirs.kx_groups.len());
         for suite in &ours.cipher_suites {
-            let ring = ring_suite(suite.suite()).expect("ring has every suite aws-lc-rs has");
-            let same = match (suite, ring) {
-                (SupportedCipherSuite::Tls13(a), SupportedCipherSuite::Tls13(b)) => {
-                    std::ptr::addr_eq(a.aead_alg, b.aead_alg)
-                }
-                (SupportedCipherSuite::Tls12(a), SupportedCipherSuite::Tls12(b)) => {
-                    std::ptr::addr_eq(a.aead_alg, b.aead_alg)
-                }
-                _ => false,
+            let same = match suite {
+                SupportedCipherSuite::Tls13(ours) => ring_tls13_aead(ours.common.suite)
+                    .is_some_and(|ring| std::ptr::addr_eq(ours.aead_alg, ring)),
+                SupportedCipherSuite::Tls12(ours) => ring_tls12_aead(ours.common.suite)
+                    .is_some_and(|ring| std::ptr::addr_eq(ours.aead_alg, ring)),
             };
             assert!(same, "{:?} does not seal with ring's AEAD", suite.suite());
         }
