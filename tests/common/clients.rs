@@ -188,15 +188,20 @@ impl Interactive {
                 let fresh = bytes.get(self.seen..).unwrap_or_default();
                 if let Some(at) = find(fresh, needle.as_bytes()) {
                     let rest = fresh.get(at..).unwrap_or_default();
-                    let end = at
-                        + rest
-                            .iter()
-                            .position(|&b| b == b'\n')
-                            .map_or(rest.len(), |n| n + 1);
-                    let text =
-                        String::from_utf8_lossy(fresh.get(..end).unwrap_or_default()).into_owned();
-                    self.seen += end;
-                    return Ok(text);
+                    let line_end = rest.iter().position(|&b| b == b'\n').map(|n| at + n + 1);
+                    // A line still arriving (a long reply split across reads) is waited for;
+                    // a client that exited mid-line gives what it printed.
+                    let end = match line_end {
+                        Some(end) => Some(end),
+                        None if exited || Instant::now() >= deadline => Some(fresh.len()),
+                        None => None,
+                    };
+                    if let Some(end) = end {
+                        let text = String::from_utf8_lossy(fresh.get(..end).unwrap_or_default())
+                            .into_owned();
+                        self.seen += end;
+                        return Ok(text);
+                    }
                 }
             }
             if exited || Instant::now() >= deadline {
