@@ -9,7 +9,8 @@
 //! # Layout
 //!
 //! - `config`: the YAML schema, defaults and validation (file:line:key errors).
-//! - `server`: listeners, accept loop, connection tasks, drain; `shutdown`: the phases.
+//! - `server`: listeners, accept loop, connection tasks, drain; `shutdown`: the phases;
+//!   `workers`: the thread-per-core runtimes the connections run on, `SO_REUSEPORT` sockets.
 //! - `tls`: rustls server config, certificate by SNI, development certificate;
 //!   `tls_stream`: the client side's TLS stream, which holds no buffers while idle.
 //! - `preauth`: what both protocols share before login (the listener's TLS mode, STARTTLS,
@@ -51,6 +52,7 @@ pub mod smtp;
 pub mod tls;
 pub mod tls_provider;
 pub mod tls_stream;
+pub mod workers;
 
 /// Binds every listener of `config` and serves until `shutdown` says stop.
 ///

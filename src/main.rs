@@ -162,7 +162,9 @@ fn run(path: &std::path::Path) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::from(2);
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Signals, `/metrics`, health checks and reloads; connections run on the workers
+    // (`mailgate::workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -29,6 +29,7 @@ use crate::routing::Router;
 use crate::shutdown::{self, Phase, Shutdown};
 use crate::smtp::backend::BackendExtensions;
 use crate::tls::Tls;
+use crate::workers::{self, Workers};
 
 /// What every connection shares.
 pub struct Context {
@@ -82,12 +83,12 @@ pub struct Listener {
     pub metrics: ListenerMetrics,
 }
 
-/// A listener and its socket. The socket stays with the accept loop alone (connections share
-/// only the `Listener`), so it closes the moment draining begins: new clients are refused at
-/// once instead of waiting in the kernel's accept queue.
+/// A listener and its sockets, one per worker (`workers`). Each socket stays with its accept
+/// loop alone (connections share only the `Listener`), so it closes the moment draining
+/// begins: new clients are refused at once instead of waiting in the kernel's accept queue.
 struct Bound {
     listener: Listener,
-    socket: TcpListener,
+    sockets: Vec<std::net::TcpListener>,
 }
 
 /// A server with its listeners bound, ready to serve.
@@ -99,6 +100,8 @@ pub struct Server {
     readiness: Arc<Readiness>,
     /// Moves `context.shutdown` on (`serve`).
     trigger: shutdown::Trigger,
+    /// Where the connections run.
+    workers: Workers,
 }
 
 impl Server {
@@ -126,17 +129,16 @@ impl Server {
         let router = Router::from_config(&config)?;
         let metrics = Metrics::new(&prometheus::Registry::new(), &config).context("metrics")?;
         report_certificates(&metrics, tls.as_ref(), &router);
+        let workers = workers::count();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let socket = TcpListener::bind(l.address)
-                .await
+            let sockets = workers::bind(l.address, workers)
                 .with_context(|| format!("listeners `{}`: cannot bind {}", l.name, l.address))?;
-            // Accepted sockets inherit TCP_NODELAY from the listening one (Linux copies the
-            // option into each connection): one system call per listener, not per client.
-            socket2::SockRef::from(&socket)
-                .set_tcp_nodelay(true)
-                .with_context(|| format!("listeners `{}`: TCP_NODELAY", l.name))?;
-            let local_addr = socket.local_addr()?;
+            let local_addr = sockets
+                .first()
+                .map(std::net::TcpListener::local_addr)
+                .transpose()?
+                .unwrap_or(l.address);
             listeners.push(Bound {
                 listener: Listener {
                     config: l.clone(),
@@ -145,7 +147,7 @@ impl Server {
                         .listener(&l.name)
                         .with_context(|| format!("listeners `{}`: no metrics", l.name))?,
                 },
-                socket,
+                sockets,
             });
         }
         let metrics_socket = match &config.metrics {
@@ -163,6 +165,7 @@ impl Server {
         probe_smtp(&config, &router, &smtp_extensions).await;
         let limiter = Limiter::new(&config.limits);
         let (trigger, inner) = shutdown::channel();
+        let workers = Workers::start(workers).context("starting the worker threads")?;
         Ok(Server {
             context: Arc::new(Context {
                 config,
@@ -179,6 +182,7 @@ impl Server {
             listeners,
             metrics_socket,
             readiness,
+            workers,
         })
     }
 
@@ -221,20 +225,27 @@ impl Server {
             ));
         }
         for bound in self.listeners {
-            let listener = &bound.listener;
+            let listener = Arc::new(bound.listener);
             tracing::info!(
                 listener = %listener.config.name,
                 protocol = %listener.config.protocol.as_str(),
                 address = %listener.local_addr,
                 tls = ?listener.config.tls,
+                workers = self.workers.len(),
                 "listening"
             );
-            tracker.spawn(accept_loop(
-                bound,
-                self.context.clone(),
-                inner.clone(),
-                tracker.clone(),
-            ));
+            for (socket, worker) in bound.sockets.into_iter().zip(self.workers.handles()) {
+                tracker.spawn_on(
+                    accept_loop(
+                        listener.clone(),
+                        socket,
+                        self.context.clone(),
+                        inner.clone(),
+                        tracker.clone(),
+                    ),
+                    worker,
+                );
+            }
         }
         self.readiness.set_listening(true);
         outer.reached(Phase::Draining).await;
@@ -252,6 +263,9 @@ impl Server {
         // Sessions say goodbye and close at once; don't wait for a stuck peer forever.
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         tracing::info!(left = tracker.len(), "stopped");
+        // The sessions still left are dropped with their worker.
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
     }
 }
 
@@ -314,14 +328,22 @@ async fn prune_limits(context: Arc<Context>, mut shutdown: Shutdown) {
     }
 }
 
+/// Runs on a worker: the connections `socket` accepts are served on that worker.
 async fn accept_loop(
-    bound: Bound,
+    listener: Arc<Listener>,
+    socket: std::net::TcpListener,
     context: Arc<Context>,
     mut shutdown: Shutdown,
     tracker: TaskTracker,
 ) {
-    let Bound { listener, socket } = bound;
-    let listener = Arc::new(listener);
+    // Registered with this worker's runtime, as is every socket accepted from it.
+    let socket = match TcpListener::from_std(socket) {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::error!(listener = %listener.config.name, error = %e, "cannot register the listening socket");
+            return;
+        }
+    };
     loop {
         let accepted = tokio::select! {
             r = socket.accept() => r,

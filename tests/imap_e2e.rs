@@ -921,6 +921,91 @@ for i in range(20):
     assert!(log.contains("end=shutdown"), "{log}");
 }
 
+/// The listening sockets on `port` (IPv4, any address), from `/proc/net/tcp`.
+fn listening_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let fields: Vec<&str> = l.split_ascii_whitespace().collect();
+            fields.get(1).is_some_and(|a| a.ends_with(&local)) && fields.get(3) == Some(&"0A")
+        })
+        .count()
+}
+
+#[test]
+fn each_worker_listens_serves_logins_and_a_second_instance_cannot_share_the_port() {
+    let setup = Setup::with(|o| o.workers(3));
+    let port = setup.mailgate.port("imaps");
+    // One socket per worker on the listener's port, and a thread each.
+    assert_eq!(listening_sockets(port), 3, "listening sockets on {port}");
+    let pid = setup.mailgate.pid().unwrap_or_else(|| panic!("no pid"));
+    let workers = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("tasks: {e}"))
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|name| name.starts_with("mg-worker-"))
+        .count();
+    assert_eq!(workers, 3, "worker threads");
+
+    // Thirty sessions, six at a time (under the per-user-and-address cap of 10; each one a new
+    // connection the kernel gives to one of the sockets): each logs in, reads its mailbox and
+    // logs out.
+    let out = setup.python(
+        r#"
+import threading
+results = []
+def sessions():
+    for _ in range(5):
+        try:
+            m, r = try_login(PORT, "alice", "alice-pass")
+            typ, data = m.select("INBOX")
+            m.logout()
+            results.append(r.split()[0] + " " + typ + " " + text(data))
+        except Exception as e:
+            results.append("error " + repr(e))
+threads = [threading.Thread(target=sessions) for _ in range(6)]
+for t in threads: t.start()
+for t in threads: t.join()
+for r in sorted(results): print(r)
+"#,
+    );
+    assert_eq!(
+        out.lines().filter(|l| *l == "OK OK 1").count(),
+        30,
+        "every session logged in and saw its one message:\n{out}"
+    );
+
+    // A second mailgate with the same port is refused before it binds anything, as a plain
+    // bind would be: SO_REUSEPORT does not let it share the port.
+    let config = std::fs::read_to_string(setup.mailgate.dir().join("mailgate.yaml"))
+        .unwrap_or_else(|e| panic!("config: {e}"));
+    let imaps_line = config
+        .lines()
+        .find(|l| l.contains("name: imaps,"))
+        .unwrap_or_else(|| panic!("no imaps listener in:\n{config}"));
+    let taken = imaps_line.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let path = dir.path().join("mailgate.yaml");
+    std::fs::write(&path, config.replace(imaps_line, &taken))
+        .unwrap_or_else(|e| panic!("writing config: {e}"));
+    let second = run_cmd(
+        env!("CARGO_BIN_EXE_mailgate"),
+        &["run", "--config", &path.to_string_lossy()],
+        CLIENT_TIMEOUT,
+    );
+    assert!(!second.success(), "a second instance started:\n{second}");
+    assert!(
+        second
+            .stderr
+            .contains(&format!("listeners `imaps`: cannot bind 127.0.0.1:{port}")),
+        "{second}"
+    );
+    assert_eq!(listening_sockets(port), 3, "the first instance's sockets");
+}
+
 #[test]
 fn silent_or_garbage_clients_get_a_bye_before_login() {
     let setup = Setup::with(|o| o.limit("preauth_timeout: 2s"));

@@ -120,6 +120,8 @@ pub struct MailgateOpts {
     /// Adds `imaps-proxied` and `imap-proxied`: the IMAP listeners again with
     /// `proxy_protocol: true` (set `limits.trusted_proxies` too).
     pub proxied_listeners: bool,
+    /// Connection workers (`TOKIO_WORKER_THREADS`); `None`: one per core.
+    pub workers: Option<usize>,
 }
 
 impl MailgateOpts {
@@ -133,7 +135,13 @@ impl MailgateOpts {
             smtp_login: "xclient".into(),
             health: "{ interval: 5s, timeout: 2s, fall: 2, rise: 2 }".into(),
             proxied_listeners: false,
+            workers: None,
         }
+    }
+
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = Some(n);
+        self
     }
 
     /// Sets every pool's health checks, e.g. `{ interval: 200ms, timeout: 100ms, fall: 1, rise: 1 }`.
@@ -230,7 +238,11 @@ impl Mailgate {
         std::fs::write(&path, &config).unwrap_or_else(|e| panic!("writing config: {e}"));
         // Set by cargo for integration tests; the demo example compiles this module too.
         let binary = option_env!("CARGO_BIN_EXE_mailgate").unwrap_or("target/debug/mailgate");
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(n) = opts.workers {
+            command.env("TOKIO_WORKER_THREADS", n.to_string());
+        }
+        let mut child = command
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info,mailgate=debug")
@@ -400,6 +412,11 @@ impl Mailgate {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Everything mailgate logged so far.

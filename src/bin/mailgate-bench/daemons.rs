@@ -47,7 +47,7 @@ pub struct Env {
     /// The second mailgate build of an A/B run (`--mailgate-b`).
     pub mailgate_b_bin: Option<PathBuf>,
     pub self_bin: PathBuf,
-    /// mailgate's tokio worker threads (`TOKIO_WORKER_THREADS`).
+    /// mailgate's worker threads (`TOKIO_WORKER_THREADS`).
     pub tokio_workers: usize,
     /// nginx's `worker_processes` (`auto` = one per core).
     pub nginx_workers: String,

@@ -93,7 +93,7 @@ pub struct Args {
     /// The system user owning the maildirs.
     #[arg(long, default_value = "mgbench")]
     mail_user: String,
-    /// mailgate's tokio worker threads.
+    /// mailgate's worker threads (`TOKIO_WORKER_THREADS`).
     #[arg(long, default_value_t = 2)]
     tokio_workers: usize,
     /// nginx's worker_processes.
@@ -1017,7 +1017,7 @@ fn header(plan: &Plan, args: &Args, env: &Env) -> String {
     }
     let _ = writeln!(
         h,
-        "- targets: mailgate (release, {} tokio workers); nginx mail proxy (`worker_processes {}`, auth_http → `mailgate-bench auth-http --check {}`: {}); direct = Dovecot's own TLS listener ({} imap-login processes, high-performance mode). Backend: one Dovecot, plaintext on loopback, {} users, one `imap` process per session.",
+        "- targets: mailgate (release, {} workers, a thread each); nginx mail proxy (`worker_processes {}`, auth_http → `mailgate-bench auth-http --check {}`: {}); direct = Dovecot's own TLS listener ({} imap-login processes, high-performance mode). Backend: one Dovecot, plaintext on loopback, {} users, one `imap` process per session.",
         env.tokio_workers,
         env.nginx_workers,
         env.auth_check.name(),
