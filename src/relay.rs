@@ -111,13 +111,12 @@ impl Transfer {
                 self.cap = 0;
             }
             if self.read_done {
-                if self.need_flush {
-                    ready!(writer.as_mut().poll_flush(cx))?;
-                    self.need_flush = false;
-                }
+                // The shutdown flushes first (`AsyncWrite`'s contract): a TLS writer sends
+                // what it holds and its close_notify together.
                 if !self.shut_down {
                     ready!(writer.as_mut().poll_shutdown(cx))?;
                     self.shut_down = true;
+                    self.need_flush = false;
                 }
                 return Poll::Ready(Ok(()));
             }

@@ -11,7 +11,8 @@
 //! - plaintext the reader had no room for waits in a small buffer until it is read;
 //! - outgoing records are encrypted into a pooled buffer (a 16 KiB write becomes one full
 //!   record, the relay's 64 KiB write four), written in one go, and the buffer goes back once
-//!   the socket has taken them all.
+//!   the socket has taken them all; small writes wait for the flush, so a reply and the
+//!   `close_notify` after it leave together.
 //!
 //! `accept` takes what the server says first (IMAP's greeting): in TLS 1.3 it leaves
 //! encrypted in the server's first flight, right after its Finished (0.5-RTT data, RFC 8446
@@ -48,7 +49,8 @@ const MAX_PLAINTEXT_PER_RECORD: usize = 16 * 1024;
 /// type 1, AEAD tag 16).
 const RECORD_OVERHEAD: usize = 256;
 /// Up to this many queued bytes (a session ticket, a small record the socket did not take at
-/// once) a write's record joins the queue instead of waiting for it to leave.
+/// once) a write's record joins the queue instead of waiting for it to leave; a queue this
+/// small after a write waits for the flush or the shutdown.
 const COALESCE_BELOW: usize = 4 * 1024;
 /// The most incoming bytes kept while rustls waits for the rest of a handshake message that
 /// spans records (rustls caps a handshake message at 64 KiB).
@@ -368,10 +370,14 @@ impl AsyncWrite for LeanTlsStream {
                     {
                         continue;
                     }
-                    // Out at once if the socket takes it; otherwise the next write or the
-                    // flush sends the rest.
-                    if let Poll::Ready(Err(e)) = this.outgoing.poll_send(cx, &mut this.tcp) {
-                        return Poll::Ready(Err(e));
+                    // A small queue waits for the flush (or the next write, or the shutdown,
+                    // whose close_notify then leaves in the same segment: a session's last
+                    // reply and its end are one send). A large one goes out at once if the
+                    // socket takes it; otherwise the next write or the flush sends the rest.
+                    if this.outgoing.len() >= COALESCE_BELOW {
+                        if let Poll::Ready(Err(e)) = this.outgoing.poll_send(cx, &mut this.tcp) {
+                            return Poll::Ready(Err(e));
+                        }
                     }
                     return Poll::Ready(Ok(written));
                 }
@@ -895,6 +901,7 @@ mod tests {
             server.read_exact(&mut line).await.expect("read");
             assert!(!server.holds_buffers(), "round {round}: the ticket left");
             server.write_all(b"250 ok\r\n").await.expect("write");
+            server.flush().await.expect("flush");
             let mut reply = [0u8; 8];
             client.read_exact(&mut reply).await.expect("read");
             assert_eq!(client.get_ref().1.handshake_kind(), Some(expected));
@@ -902,6 +909,29 @@ mod tests {
             let mut rest = Vec::new();
             assert_eq!(server.read_to_end(&mut rest).await.expect("eof"), 0);
         }
+    }
+
+    #[tokio::test]
+    async fn a_small_write_waits_for_the_flush_or_leaves_with_the_close_notify() {
+        let pki = pki();
+        let (mut server, mut client) = pair(&pki, pki.client(&[&rustls::version::TLS13])).await;
+        server.write_all(b"* BYE bye\r\n").await.expect("write");
+        let mut line = [0u8; 11];
+        let early =
+            tokio::time::timeout(Duration::from_millis(200), client.read_exact(&mut line)).await;
+        assert!(early.is_err(), "a small write left before the flush");
+        assert!(server.holds_buffers(), "the record waits in the queue");
+        // The shutdown queues the close_notify behind the record and sends the queue: one
+        // write when the socket takes it all.
+        server.shutdown().await.expect("shutdown");
+        assert!(!server.holds_buffers(), "everything left");
+        client.read_exact(&mut line).await.expect("read");
+        assert_eq!(&line, b"* BYE bye\r\n");
+        let mut rest = Vec::new();
+        assert_eq!(
+            client.read_to_end(&mut rest).await.expect("close_notify"),
+            0
+        );
     }
 
     #[tokio::test]
