@@ -129,10 +129,10 @@ impl Server {
         let router = Router::from_config(&config)?;
         let metrics = Metrics::new(&prometheus::Registry::new(), &config).context("metrics")?;
         report_certificates(&metrics, tls.as_ref(), &router);
-        let workers = workers::count();
+        let worker_count = workers::count();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let sockets = workers::bind(l.address, workers)
+            let sockets = workers::bind(l.address, worker_count)
                 .with_context(|| format!("listeners `{}`: cannot bind {}", l.name, l.address))?;
             let local_addr = sockets
                 .first()
@@ -165,7 +165,7 @@ impl Server {
         probe_smtp(&config, &router, &smtp_extensions).await;
         let limiter = Limiter::new(&config.limits);
         let (trigger, inner) = shutdown::channel();
-        let workers = Workers::start(workers).context("starting the worker threads")?;
+        let workers = Workers::start(worker_count).context("starting the worker threads")?;
         Ok(Server {
             context: Arc::new(Context {
                 config,
