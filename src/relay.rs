@@ -116,7 +116,6 @@ impl Transfer {
                 if !self.shut_down {
                     ready!(writer.as_mut().poll_shutdown(cx))?;
                     self.shut_down = true;
-                    self.need_flush = false;
                 }
                 return Poll::Ready(Ok(()));
             }

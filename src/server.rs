@@ -132,13 +132,8 @@ impl Server {
         let worker_count = workers::count();
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let sockets = workers::bind(l.address, worker_count)
+            let (local_addr, sockets) = workers::bind(l.address, worker_count)
                 .with_context(|| format!("listeners `{}`: cannot bind {}", l.name, l.address))?;
-            let local_addr = sockets
-                .first()
-                .map(std::net::TcpListener::local_addr)
-                .transpose()?
-                .unwrap_or(l.address);
             listeners.push(Bound {
                 listener: Listener {
                     config: l.clone(),
@@ -231,7 +226,7 @@ impl Server {
                 protocol = %listener.config.protocol.as_str(),
                 address = %listener.local_addr,
                 tls = ?listener.config.tls,
-                workers = self.workers.len(),
+                workers = self.workers.handles().len(),
                 "listening"
             );
             for (socket, worker) in bound.sockets.into_iter().zip(self.workers.handles()) {

@@ -88,14 +88,6 @@ impl Workers {
         self.workers.iter().map(|w| &w.handle)
     }
 
-    pub fn len(&self) -> usize {
-        self.workers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
-    }
-
     /// Stops every worker, dropping the sessions still on it, and waits for its thread.
     pub fn stop(self) {
         let threads: Vec<_> = self
@@ -115,7 +107,8 @@ impl Workers {
 }
 
 /// Binds `count` listening sockets to `address` (non-blocking, `TCP_NODELAY` for the
-/// connections they accept; `SO_REUSEPORT` when there is more than one).
+/// connections they accept; `SO_REUSEPORT` when there is more than one). Returns the address
+/// they are bound to (the port chosen for port 0) and the sockets.
 ///
 /// `SO_REUSEPORT` would also let a second mailgate started by mistake share the port
 /// silently, so the address is first bound by a socket without it: that fails ("address in
@@ -124,7 +117,10 @@ impl Workers {
 ///
 /// # Errors
 /// The address cannot be bound.
-pub fn bind(address: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+pub fn bind(
+    address: SocketAddr,
+    count: usize,
+) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
     let address = {
         let probe = socket(address, false)?;
         probe.bind(&address.into())?;
@@ -134,14 +130,15 @@ pub fn bind(address: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpLi
             .ok_or_else(|| io::Error::other("bound to a non-IP address"))?
     };
     let reuse_port = count > 1;
-    (0..count.max(1))
+    let sockets = (0..count.max(1))
         .map(|_| {
             let s = socket(address, reuse_port)?;
             s.bind(&address.into())?;
             s.listen(BACKLOG)?;
             Ok(s.into())
         })
-        .collect()
+        .collect::<io::Result<_>>()?;
+    Ok((address, sockets))
 }
 
 fn socket(address: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
@@ -168,9 +165,10 @@ mod tests {
 
     #[test]
     fn a_group_shares_one_port_and_every_socket_accepts() {
-        let sockets = bind("127.0.0.1:0".parse().expect("address"), 3).expect("bind");
+        let (address, sockets) = bind("127.0.0.1:0".parse().expect("address"), 3).expect("bind");
         assert_eq!(sockets.len(), 3);
-        let port = sockets[0].local_addr().expect("addr").port();
+        let port = address.port();
+        assert_ne!(port, 0);
         assert!(sockets
             .iter()
             .all(|s| s.local_addr().expect("addr").port() == port));
@@ -194,8 +192,7 @@ mod tests {
 
     #[test]
     fn an_address_in_use_is_refused_even_for_a_second_group() {
-        let first = bind("127.0.0.1:0".parse().expect("address"), 2).expect("bind");
-        let taken = first[0].local_addr().expect("addr");
+        let (taken, _first) = bind("127.0.0.1:0".parse().expect("address"), 2).expect("bind");
         let err = bind(taken, 2).expect_err("a second group on the same port");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("plain");
@@ -206,7 +203,7 @@ mod tests {
     #[test]
     fn workers_run_tasks_on_their_own_threads_and_stop() {
         let workers = Workers::start(2).expect("start");
-        assert_eq!(workers.len(), 2);
+        assert_eq!(workers.handles().len(), 2);
         let (tx, rx) = std::sync::mpsc::channel();
         for handle in workers.handles() {
             let tx = tx.clone();
