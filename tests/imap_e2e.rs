@@ -585,21 +585,31 @@ fn nss_and_gnutls_clients_log_in_read_and_log_out() {
 }
 
 #[test]
-fn the_backend_logs_the_clients_real_address() {
+fn the_backend_logs_the_clients_real_address_and_id_but_no_forged_address() {
     let setup = Setup::start();
+    // The client's own ID before login: its name reaches Dovecot, quote and all; the
+    // address it claims does not (only mailgate says `x-` things).
     let out = setup.python(
         r#"
+imaplib.Commands["ID"] = ("NONAUTH", "AUTH", "SELECTED")
 m = connect(PORT, source="127.0.0.2")
+print(m.xatom("ID", '("name" "Thunder\\"bird" "x-originating-ip" "192.0.2.66")')[0])
 print(m.login("alice", "alice-pass")[0])
 m.logout()
 "#,
     );
-    assert!(out.contains("OK"), "{out}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["OK", "OK"], "{out}");
     // mailgate connects from 127.0.0.1; Dovecot logs the client (127.0.0.2) through ID.
     let log = setup
         .consumer
-        .wait_for_log("rip=127.0.0.2", Duration::from_secs(10));
-    assert!(log.contains("user=<alice@skydesk.jp>"), "{log}");
+        .wait_for_log("Login: user=<alice@skydesk.jp>", Duration::from_secs(10));
+    assert!(log.contains("rip=127.0.0.2,"), "{log}");
+    let id = setup
+        .consumer
+        .wait_for_log("ID sent:", Duration::from_secs(10));
+    assert!(id.contains("x-originating-ip=127.0.0.2"), "{id}");
+    assert!(id.contains(r#"name=Thunder"bird"#), "{id}");
+    assert!(!id.contains("192.0.2.66"), "{id}");
     let session = setup
         .mailgate
         .wait_for_log("client=127.0.0.2:", Duration::from_secs(10));

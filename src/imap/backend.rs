@@ -35,7 +35,7 @@ pub struct LoginRequest<'a> {
     /// Plaintext, STARTTLS or implicit TLS: the pool's.
     pub transport: &'a Transport,
     /// `ID` fields, in order: mailgate's `x-` fields, then the client's own.
-    pub id: &'a [(String, String)],
+    pub id: &'a [(&'a str, &'a str)],
     pub connect_timeout: Duration,
     /// For the whole exchange after connect.
     pub login_timeout: Duration,
@@ -199,7 +199,9 @@ impl Conn {
         let mut out = Vec::with_capacity(512);
         let id_tag = if has_capability(caps, "ID") && !request.id.is_empty() {
             let tag = self.tag();
-            out.extend_from_slice(format!("{tag} ID {}\r\n", id_list(request.id)).as_bytes());
+            out.extend_from_slice(format!("{tag} ID ").as_bytes());
+            put_id_list(&mut out, request.id);
+            out.extend_from_slice(b"\r\n");
             Some(tag)
         } else {
             None
@@ -518,17 +520,29 @@ fn has_capability(list: &str, name: &str) -> bool {
         .any(|c| c.eq_ignore_ascii_case(name))
 }
 
-/// `("k" "v" ...)` with each string quoted; pairs whose key or value cannot be a quoted
-/// string (controls, 8-bit) are left out.
-fn id_list(fields: &[(String, String)]) -> String {
+/// Appends `("k" "v" ...)` to `out`, each string quoted; pairs whose key or value cannot be a
+/// quoted string (controls, 8-bit) are left out, and `NIL` stands for a list left empty.
+fn put_id_list(out: &mut Vec<u8>, fields: &[(&str, &str)]) {
     let quotable = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
-    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-    let items: Vec<String> = fields
-        .iter()
-        .filter(|(k, v)| quotable(k) && quotable(v))
-        .map(|(k, v)| format!("{} {}", quote(k), quote(v)))
-        .collect();
-    format!("({})", items.join(" "))
+    let quote = |out: &mut Vec<u8>, s: &str| {
+        out.push(b'"');
+        for b in s.bytes() {
+            if b == b'"' || b == b'\\' {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+        out.push(b'"');
+    };
+    let mut open = false;
+    for (k, v) in fields.iter().filter(|(k, v)| quotable(k) && quotable(v)) {
+        out.push(if open { b' ' } else { b'(' });
+        open = true;
+        quote(out, k);
+        out.push(b' ');
+        quote(out, v);
+    }
+    out.extend_from_slice(if open { b")" } else { b"NIL" });
 }
 
 #[cfg(test)]
@@ -594,15 +608,22 @@ mod tests {
 
     #[test]
     fn id_list_quotes_and_drops_unquotable_pairs() {
-        let fields = vec![
-            ("x-originating-ip".to_string(), "192.0.2.7".to_string()),
-            ("name".to_string(), "Thunder\"bird\\".to_string()),
-            ("evil".to_string(), "a\r\nb".to_string()),
-        ];
+        let id = |fields: &[(&str, &str)]| {
+            let mut out = b"mg1 ID ".to_vec();
+            put_id_list(&mut out, fields);
+            String::from_utf8(out).expect("ASCII")
+        };
         assert_eq!(
-            id_list(&fields),
-            r#"("x-originating-ip" "192.0.2.7" "name" "Thunder\"bird\\")"#
+            id(&[
+                ("x-originating-ip", "192.0.2.7"),
+                ("name", "Thunder\"bird\\"),
+                ("evil", "a\r\nb"),
+                ("caf\u{e9}", "8-bit key"),
+            ]),
+            r#"mg1 ID ("x-originating-ip" "192.0.2.7" "name" "Thunder\"bird\\")"#
         );
+        // RFC 2971: a list is never empty, NIL says "nothing".
+        assert_eq!(id(&[("evil", "a\0b")]), "mg1 ID NIL");
     }
 
     /// The STARTTLS injection: a backend (or a man in the middle) sends more in plaintext right

@@ -158,21 +158,15 @@ async fn log_in(
     )
     .await?;
     let pool = &grant.route.pool;
+    let (peer, local) = (conn.peer, conn.local_addr());
+    let (peer_ip, peer_port) = (peer.ip().to_string(), peer.port().to_string());
+    let (local_ip, local_port) = (local.ip().to_string(), local.port().to_string());
     let mut id = vec![
-        ("x-originating-ip".to_string(), conn.peer.ip().to_string()),
-        (
-            "x-originating-port".to_string(),
-            conn.peer.port().to_string(),
-        ),
-        (
-            "x-connected-ip".to_string(),
-            conn.local_addr().ip().to_string(),
-        ),
-        (
-            "x-connected-port".to_string(),
-            conn.local_addr().port().to_string(),
-        ),
-        ("x-session-id".to_string(), conn.id.clone()),
+        ("x-originating-ip", peer_ip.as_str()),
+        ("x-originating-port", peer_port.as_str()),
+        ("x-connected-ip", local_ip.as_str()),
+        ("x-connected-port", local_port.as_str()),
+        ("x-session-id", conn.id.as_str()),
     ];
     // The client's own fields, but never an `x-` one: those tell the backend things
     // (addresses, forwarded user fields) that only mailgate may say.
@@ -180,8 +174,8 @@ async fn log_in(
         session
             .client_id()
             .iter()
-            .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("x-"))
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone()))),
+            .filter(|(k, _)| !k.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-")))
+            .filter_map(|(k, v)| v.as_deref().map(|v| (k.as_str(), v))),
     );
     let login = pool.imap_login();
     let request = LoginRequest {

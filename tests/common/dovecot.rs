@@ -584,6 +584,8 @@ auth_verbose = yes
 auth_failure_delay = 0
 auth_master_user_separator = *
 login_trusted_networks = 127.0.0.0/8 ::1
+# Every ID field a login got, in the log: tests see what mailgate forwarded.
+imap_id_log = *
 mail_max_userip_connections = 100000
 mail_location = maildir:~/Maildir
 mail_uid = {uid}
