@@ -1,5 +1,6 @@
 //! The `mailgate` command line as an operator uses it: `check` on good and broken configs,
-//! `hash-password`, `--version`.
+//! `hash-password`, `--version`, and what `run` logs (JSON lines; the session line and the
+//! `RUST_LOG` filter that leaves it out).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -122,20 +123,7 @@ fn version_is_the_crate_version() {
 fn json_logs_are_one_json_object_per_line() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = format!(
-        r#"listeners:
-  - {{ name: plain, protocol: imap, address: "127.0.0.1:0", tls: none }}
-tls:
-  certificates: []
-accounts: {{ source: file, path: "{root}/config/accounts.yaml" }}
-routing: {{ consumer_domains: [skydesk.jp], default_domain: skydesk.jp, consumer_pool: p, organisation_pool: p }}
-pools:
-  p: {{ imap: ["127.0.0.1:9"], login: {{ mode: passthrough }} }}
-"#,
-        root = env!("CARGO_MANIFEST_DIR")
-    );
-    let path = dir.path().join("json.yaml");
-    std::fs::write(&path, config).expect("write");
+    let path = plain_config(dir.path());
     let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
         .args(["--log-format", "json", "run", "--config"])
         .arg(&path)
@@ -173,4 +161,112 @@ pools:
     );
     assert!(listening.contains(r#""listener":"plain""#), "{listening}");
     assert!(listening.contains(r#""level":"INFO""#), "{listening}");
+}
+
+/// A config with one plaintext IMAP listener on a free port and a pool nobody answers on.
+fn plain_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let config = format!(
+        r#"listeners:
+  - {{ name: plain, protocol: imap, address: "127.0.0.1:0", tls: none }}
+tls:
+  certificates: []
+accounts: {{ source: file, path: "{root}/config/accounts.yaml" }}
+routing: {{ consumer_domains: [skydesk.jp], default_domain: skydesk.jp, consumer_pool: p, organisation_pool: p }}
+pools:
+  p: {{ imap: ["127.0.0.1:9"], login: {{ mode: passthrough }} }}
+"#,
+        root = env!("CARGO_MANIFEST_DIR")
+    );
+    let path = dir.join("plain.yaml");
+    std::fs::write(&path, config).expect("write");
+    path
+}
+
+/// The log of a `mailgate run` under `rust_log` that serves one session (greeting, `LOGOUT`)
+/// and is then stopped with SIGTERM: every line up to its last.
+fn log_of_one_session(rust_log: &str) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .args(["run", "--config"])
+        .arg(plain_config(dir.path()))
+        .env("RUST_LOG", rust_log)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(line) => Some(line),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+        Err(e) => panic!("waiting for {what}: {e}"),
+    };
+    let mut lines = Vec::new();
+    let address = loop {
+        let line = next("the listening line").expect("mailgate exited before listening");
+        let address = line
+            .contains("listening")
+            .then(|| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix("address="))
+            })
+            .flatten()
+            .map(str::to_string);
+        lines.push(line);
+        if let Some(address) = address {
+            break address;
+        }
+    };
+    let mut client = std::net::TcpStream::connect(&address).expect("connect");
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    client.write_all(b"a LOGOUT\r\n").expect("LOGOUT");
+    let mut reply = String::new();
+    client.read_to_string(&mut reply).expect("read until close");
+    assert!(reply.contains("a OK"), "{reply}");
+    drop(client);
+    // The session's line, if any, is written before the session ends, so before "stopped".
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    while let Some(line) = next("the end of the log") {
+        lines.push(line);
+    }
+    let _ = child.wait();
+    lines
+}
+
+#[test]
+fn the_session_line_is_logged_and_can_be_left_out_alone() {
+    let session = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("mailgate::session"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let default = log_of_one_session("info");
+    assert!(
+        default.iter().any(|l| l.contains(" stopped")),
+        "{default:#?}"
+    );
+    let lines = session(&default);
+    assert_eq!(lines.len(), 1, "{default:#?}");
+    assert!(lines[0].contains("protocol=imap"), "{}", lines[0]);
+    assert!(lines[0].contains("end="), "{}", lines[0]);
+    // README, Operations: this filter drops the session line and keeps every other one.
+    let quiet = log_of_one_session("info,mailgate::session=warn");
+    assert!(session(&quiet).is_empty(), "{quiet:#?}");
+    assert!(quiet.iter().any(|l| l.contains(" listening")), "{quiet:#?}");
+    assert!(quiet.iter().any(|l| l.contains(" stopped")), "{quiet:#?}");
 }
