@@ -121,24 +121,8 @@ fn version_is_the_crate_version() {
 
 #[test]
 fn json_logs_are_one_json_object_per_line() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = plain_config(dir.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = start_run(dir.path(), &["--log-format", "json"], None);
     let listening = loop {
         match rx.recv_timeout(std::time::Duration::from_secs(10)) {
             Ok(line) if line.contains("listening") => break line,
@@ -182,18 +166,24 @@ pools:
     path
 }
 
-/// The log of a `mailgate run` under `rust_log` that serves one session (greeting, `LOGOUT`)
-/// and is then stopped with SIGTERM: every line up to its last.
-fn log_of_one_session(rust_log: &str) -> Vec<String> {
-    use std::io::{BufRead, BufReader, Read};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+/// Starts `mailgate {options} run` on [`plain_config`] (under `rust_log` when given); its log
+/// lines arrive on the receiver.
+fn start_run(
+    dir: &std::path::Path,
+    options: &[&str],
+    rust_log: Option<&str>,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mailgate"));
+    command
+        .args(options)
         .args(["run", "--config"])
-        .arg(plain_config(dir.path()))
-        .env("RUST_LOG", rust_log)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+        .arg(plain_config(dir))
+        .stderr(Stdio::piped());
+    if let Some(filter) = rust_log {
+        command.env("RUST_LOG", filter);
+    }
+    let mut child = command.spawn().expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -203,6 +193,24 @@ fn log_of_one_session(rust_log: &str) -> Vec<String> {
             }
         }
     });
+    (child, rx)
+}
+
+/// The log of a `mailgate run` under `rust_log` that serves one session (greeting, `LOGOUT`)
+/// and is then stopped with SIGTERM: every line up to its last.
+fn log_of_one_session(rust_log: &str) -> Vec<String> {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    /// Stops the process however the test ends.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let (child, rx) = start_run(dir.path(), &[], Some(rust_log));
+    let child = Running(child);
     let next = |what: &str| match rx.recv_timeout(std::time::Duration::from_secs(10)) {
         Ok(line) => Some(line),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
@@ -235,14 +243,13 @@ fn log_of_one_session(rust_log: &str) -> Vec<String> {
     drop(client);
     // The session's line, if any, is written before the session ends, so before "stopped".
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
     while let Some(line) = next("the end of the log") {
         lines.push(line);
     }
-    let _ = child.wait();
     lines
 }
 
