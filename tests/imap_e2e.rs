@@ -945,6 +945,22 @@ fn listening_sockets(port: u16) -> usize {
         .count()
 }
 
+/// Each `mg-worker-N` thread of `pid` and the nanoseconds it has run on a CPU so far
+/// (`/proc/PID/task/TID/schedstat`, first field).
+fn worker_run_times(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("tasks: {e}"))
+        .filter_map(Result::ok)
+        .filter_map(|task| {
+            let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            let name = name.trim_end().to_string();
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            let ran = stat.split_whitespace().next()?.parse().ok()?;
+            name.starts_with("mg-worker-").then_some((name, ran))
+        })
+        .collect()
+}
+
 #[test]
 fn each_worker_listens_serves_logins_and_a_second_instance_cannot_share_the_port() {
     let setup = Setup::with(|o| o.workers(3));
@@ -952,13 +968,8 @@ fn each_worker_listens_serves_logins_and_a_second_instance_cannot_share_the_port
     // One socket per worker on the listener's port, and a thread each.
     assert_eq!(listening_sockets(port), 3, "listening sockets on {port}");
     let pid = setup.mailgate.pid().unwrap_or_else(|| panic!("no pid"));
-    let workers = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap_or_else(|e| panic!("tasks: {e}"))
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .filter(|name| name.starts_with("mg-worker-"))
-        .count();
-    assert_eq!(workers, 3, "worker threads");
+    let before = worker_run_times(pid);
+    assert_eq!(before.len(), 3, "worker threads: {before:?}");
 
     // Thirty sessions, six at a time (under the per-user-and-address cap of 10; each one a new
     // connection the kernel gives to one of the sockets): each logs in, reads its mailbox and
@@ -987,6 +998,16 @@ for r in sorted(results): print(r)
         30,
         "every session logged in and saw its one message:\n{out}"
     );
+    // An idle worker is never woken (its runtime has no timers of its own), so one that ran
+    // since served some of the sessions: the kernel spread them over every socket.
+    let after = worker_run_times(pid);
+    for (name, ran) in &after {
+        let earlier = before.get(name).copied().unwrap_or_default();
+        assert!(
+            *ran > earlier,
+            "{name} served none of the 30 sessions: {before:?} {after:?}"
+        );
+    }
 
     // A second mailgate with the same port is refused before it binds anything, as a plain
     // bind would be: SO_REUSEPORT does not let it share the port.
