@@ -153,3 +153,91 @@ impl ServerCertVerifier for SignatureOnly {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::TlsAcceptor;
+
+    /// A target: self-signed for the bench's name, one ticket per handshake as mailgate sends.
+    fn target() -> TlsAcceptor {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["imap.skydesk.jp".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            mailgate::tls_provider::provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .expect("server config");
+        let mut config = config;
+        config.send_tls13_tickets = 1;
+        TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// One connection of `client` to `target`, reading the server's first byte (the TLS 1.3
+    /// tickets come before it, as they come before a target's greeting). Whether it resumed.
+    async fn resumed(client: &TlsConnector, target: &TlsAcceptor) -> bool {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let server = async {
+            let mut tls = target.accept(far).await.expect("server handshake");
+            tls.write_all(b"*").await.expect("server write");
+            tls.flush().await.expect("server flush");
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+        };
+        let client = async {
+            let mut tls = client
+                .connect(server_name().expect("name"), near)
+                .await
+                .expect("client handshake");
+            let mut first = [0_u8; 1];
+            tls.read_exact(&mut first).await.expect("client read");
+            let resumed = Negotiated::of(tls.get_ref().1).resumed;
+            tls.shutdown().await.expect("client close");
+            resumed
+        };
+        tokio::join!(server, client).1
+    }
+
+    /// Each login client keeps its own tickets, as a device does: a client that has one
+    /// resumes, though another client connected in between. (Were the store shared, the two
+    /// would take each other's tickets, which rustls does not resume with under another
+    /// client's verifier: a store shared by all connectors fails this test.) A client offering
+    /// no resumption always does a full handshake.
+    #[tokio::test]
+    async fn each_login_client_keeps_its_own_tickets() {
+        let choice = TlsChoice::new("TLS13_AES_256_GCM_SHA384", true).expect("suite");
+        let server = target();
+        let a = choice.connector().expect("connector");
+        let b = choice.connector().expect("connector");
+        assert!(
+            !resumed(&a, &server).await,
+            "a's first connection is a full handshake"
+        );
+        assert!(!resumed(&b, &server).await, "b has no ticket of its own");
+        assert!(resumed(&a, &server).await, "a resumes with its own ticket");
+        assert!(resumed(&b, &server).await, "b resumes with its own ticket");
+        assert!(
+            resumed(&a, &server).await,
+            "a resumes with the ticket it was just sent"
+        );
+
+        let none = TlsChoice::new("TLS13_AES_256_GCM_SHA384", false).expect("suite");
+        let d = none.connector().expect("connector");
+        assert!(!resumed(&d, &server).await);
+        assert!(
+            !resumed(&d, &server).await,
+            "no resumption offered: always a full handshake"
+        );
+    }
+}
