@@ -64,8 +64,14 @@ fn main() -> Result<()> {
                 Err(e) => return eprintln!("floor_proxy: {e}"),
             };
             loop {
-                let Ok((tcp, _)) = socket.accept().await else {
-                    continue;
+                let tcp = match socket.accept().await {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        eprintln!("floor_proxy: accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
                 };
                 let (tls, backend) = (tls.clone(), backend.clone());
                 tokio::spawn(async move {

@@ -168,7 +168,7 @@ mod tests {
             .expect("params")
             .self_signed(&key)
             .expect("certificate");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             mailgate::tls_provider::provider(),
         ))
         .with_safe_default_protocol_versions()
@@ -179,7 +179,6 @@ mod tests {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
         .expect("server config");
-        let mut config = config;
         config.send_tls13_tickets = 1;
         TlsAcceptor::from(Arc::new(config))
     }
