@@ -122,19 +122,14 @@ fn version_is_the_crate_version() {
 #[test]
 fn json_logs_are_one_json_object_per_line() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut child, rx) = start_run(dir.path(), &["--log-format", "json"], None);
+    let (_running, rx) = start_run(dir.path(), &["--log-format", "json"], None);
     let listening = loop {
         match rx.recv_timeout(std::time::Duration::from_secs(10)) {
             Ok(line) if line.contains("listening") => break line,
             Ok(_) => continue,
-            Err(e) => {
-                let _ = child.kill();
-                panic!("no `listening` line: {e}");
-            }
+            Err(e) => panic!("no `listening` line: {e}"),
         }
     };
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(
         listening.starts_with('{') && listening.ends_with('}'),
         "{listening}"
@@ -166,13 +161,23 @@ pools:
     path
 }
 
+/// A `mailgate run`, killed however the test ends.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `mailgate {options} run` on [`plain_config`] (under `rust_log` when given); its log
 /// lines arrive on the receiver.
 fn start_run(
     dir: &std::path::Path,
     options: &[&str],
     rust_log: Option<&str>,
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+) -> (Running, std::sync::mpsc::Receiver<String>) {
     use std::io::{BufRead, BufReader};
     let mut command = Command::new(env!("CARGO_BIN_EXE_mailgate"));
     command
@@ -193,7 +198,7 @@ fn start_run(
             }
         }
     });
-    (child, rx)
+    (Running(child), rx)
 }
 
 /// The log of a `mailgate run` under `rust_log` that serves one session (greeting, `LOGOUT`)
@@ -201,16 +206,7 @@ fn start_run(
 fn log_of_one_session(rust_log: &str) -> Vec<String> {
     use std::io::Read;
     let dir = tempfile::tempdir().expect("tempdir");
-    /// Stops the process however the test ends.
-    struct Running(std::process::Child);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let (child, rx) = start_run(dir.path(), &[], Some(rust_log));
-    let child = Running(child);
     let next = |what: &str| match rx.recv_timeout(std::time::Duration::from_secs(10)) {
         Ok(line) => Some(line),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,

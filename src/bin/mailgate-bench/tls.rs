@@ -157,30 +157,22 @@ impl ServerCertVerifier for SignatureOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use mailgate::config::{CertificateConfig, TlsConfig};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::TlsAcceptor;
 
-    /// A target: self-signed for the bench's name, one ticket per handshake as mailgate sends.
-    fn target() -> TlsAcceptor {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec!["imap.skydesk.jp".to_owned()])
-            .expect("params")
-            .self_signed(&key)
-            .expect("certificate");
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            mailgate::tls_provider::provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .expect("server config");
-        config.send_tls13_tickets = 1;
-        TlsAcceptor::from(Arc::new(config))
+    /// A target with mailgate's own TLS server config (its tickets, one per handshake), on the
+    /// development certificate it makes in `dir`.
+    fn target(dir: &std::path::Path) -> TlsAcceptor {
+        let tls = mailgate::tls::Tls::from_config(&TlsConfig {
+            certificates: vec![CertificateConfig {
+                cert: dir.join("dev.crt"),
+                key: dir.join("dev.key"),
+            }],
+            self_signed_if_missing: true,
+        })
+        .expect("mailgate's TLS config");
+        TlsAcceptor::from(tls.config)
     }
 
     /// One connection of `client` to `target`, reading the server's first byte (the TLS 1.3
@@ -216,7 +208,8 @@ mod tests {
     #[tokio::test]
     async fn each_login_client_keeps_its_own_tickets() {
         let choice = TlsChoice::new("TLS13_AES_256_GCM_SHA384", true).expect("suite");
-        let server = target();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = target(dir.path());
         let a = choice.connector().expect("connector");
         let b = choice.connector().expect("connector");
         assert!(
