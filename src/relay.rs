@@ -6,6 +6,10 @@
 //! takes one from the per-thread pool (`buffers`) when it tries to read, gives it back at once
 //! when the read would block, and otherwise as soon as the bytes are written. An idle spliced
 //! session holds no relay buffer at all.
+//!
+//! When the backend is done (it said `BYE` or `221` and closed), its close is passed on to the
+//! client, which then has `CLOSE_GRACE` of silence to close its side: a client that never does must not
+//! keep the session, its descriptors and its place under the caps until the idle timeout.
 
 use std::future::Future;
 use std::io;
@@ -19,6 +23,11 @@ use tokio::time::Instant;
 
 use crate::buffers::{PooledBuf, Size};
 use crate::shutdown::{Phase, Shutdown};
+
+/// How long a client may take to close after the backend closed and mailgate passed that on.
+/// The backend reads nothing more, so this only lets the client's own close (its
+/// `close_notify`, its FIN) arrive before the socket goes, instead of meeting a reset.
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// How a splice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +185,10 @@ struct Bidirectional<'a, C: ?Sized, B: ?Sized> {
     down: Transfer,
     meter: &'a (dyn Meter + Sync),
     activity: &'a Activity,
+    /// When the backend's side was done (its close passed on to the client).
+    down_done_at: Option<Instant>,
+    /// The client's time to close after that (`CLOSE_GRACE`).
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<C, B> Future for Bidirectional<'_, C, B>
@@ -207,15 +220,29 @@ where
             },
         )?;
         if up.is_ready() && down.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        if down.is_ready() {
+            // The client's time to close counts from the backend's close, or from the last
+            // bytes the client sent after it.
+            let done_at = *this.down_done_at.get_or_insert_with(Instant::now);
+            let deadline = done_at.max(activity.last()) + CLOSE_GRACE;
+            let grace = this
+                .grace
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if grace.deadline() != deadline {
+                grace.as_mut().reset(deadline);
+            }
+            if grace.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        Poll::Pending
     }
 }
 
-/// Copies bytes both ways until both sides are done, the idle timeout passes, or the
-/// shutdown reaches `Closing`. The streams stay the caller's, so it can say goodbye in the
+/// Copies bytes both ways until both sides are done (or the backend is, and the client has
+/// been silent for `CLOSE_GRACE` since), the idle timeout passes, or the shutdown reaches `Closing`. The streams stay the caller's, so it can say goodbye in the
 /// protocol.
 pub async fn splice<C, B>(
     client: &mut C,
@@ -239,6 +266,8 @@ where
         down: Transfer::default(),
         meter,
         activity: &activity,
+        down_done_at: None,
+        grace: None,
     };
     let end = {
         let idle = async {
@@ -412,6 +441,52 @@ mod tests {
         );
         let (end, _) = relay.await.expect("join");
         assert_eq!(end, RelayEnd::IdleTimeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stays_after_the_backend_closed_gets_the_close_grace() {
+        let (mut client_side, mut client) = tokio::io::duplex(64);
+        let (mut backend, mut backend_side) = tokio::io::duplex(64);
+        let (_trigger, mut shutdown) = crate::shutdown::channel();
+        let relay = tokio::spawn(async move {
+            let r = splice(
+                &mut client,
+                &mut backend,
+                Duration::from_secs(1800),
+                &mut shutdown,
+                &NoMeter,
+            )
+            .await;
+            (r, Instant::now())
+        });
+        let start = Instant::now();
+        // The backend says goodbye and closes its sending side, but keeps reading: the client's
+        // late bytes reach it and restart the client's time to close.
+        backend_side.write_all(b"* BYE\r\n").await.expect("write");
+        backend_side.shutdown().await.expect("shutdown");
+        let mut tail = Vec::new();
+        client_side.read_to_end(&mut tail).await.expect("read");
+        assert_eq!(tail, b"* BYE\r\n", "the close reaches the client");
+        tokio::time::sleep(CLOSE_GRACE / 2).await;
+        client_side.write_all(b"a9 NOOP\r\n").await.expect("write");
+        let mut late = [0u8; 9];
+        backend_side.read_exact(&mut late).await.expect("read");
+        assert_eq!(&late, b"a9 NOOP\r\n");
+        let written = Instant::now();
+        // Then the client says nothing and never closes.
+        let ((end, stats), ended) = relay.await.expect("join");
+        assert_eq!(end, RelayEnd::Closed);
+        assert_eq!(stats.backend_to_client, 7);
+        assert_eq!(stats.client_to_backend, 9);
+        assert!(
+            ended >= written + CLOSE_GRACE,
+            "the client's late bytes restart its grace"
+        );
+        assert!(
+            ended < start + 2 * CLOSE_GRACE,
+            "the session ends a grace after the client's last bytes, not at the idle timeout: {:?}",
+            ended - start
+        );
     }
 
     #[tokio::test]

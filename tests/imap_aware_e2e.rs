@@ -474,3 +474,59 @@ d.logout()
     assert_eq!(line(&out, "henry expunged"), "[None]", "{out}");
     assert_eq!(line(&out, "henry inbox"), "m0,m1D,m2,m3,m4", "{out}");
 }
+
+#[test]
+fn a_client_that_stays_after_logout_is_let_go_within_the_close_grace() {
+    // dave's session is the plain splice, grace's the aware relay: after `LOGOUT`, Dovecot
+    // closes, mailgate passes that on, and the clients never close their sockets.
+    let setup = Setup::start();
+    let out = setup.python(&format!(
+        r#"
+import time, urllib.request
+def active():
+    text = urllib.request.urlopen("http://{metrics}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith('mailgate_connections_active{{listener="imaps"'):
+            return int(float(line.split()[-1]))
+held = []
+for user in ["dave@example.com", "grace@example.com"]:
+    m = mg(user)
+    m.send(b"z LOGOUT\r\n")
+    print(user, "after logout:", m.file.read().decode().replace("\r\n", " | "))
+    print(user, "counted at its close:", active() >= 1)
+    held.append(m)
+start = time.time()
+while active() and time.time() - start < 20:
+    time.sleep(0.05)
+print("active after:", active(), "in", round(time.time() - start, 1), "s")
+"#,
+        metrics = setup.mailgate.metrics_addr()
+    ));
+    for user in ["dave@example.com", "grace@example.com"] {
+        let after = line(&out, &format!("{user} after logout"));
+        assert!(
+            after.starts_with("* BYE") && after.contains("z OK"),
+            "{out}"
+        );
+        assert_eq!(line(&out, &format!("{user} counted at its close")), "True");
+    }
+    let after = line(&out, "active after");
+    let secs: f64 = after
+        .split_ascii_whitespace()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(99.0);
+    assert!(
+        after.starts_with("0 ") && secs < 10.0,
+        "mailgate still holds the sessions: {out}\n{}",
+        setup.mailgate.log()
+    );
+    let log = setup.mailgate.log();
+    for user in ["dave@example.com", "grace@example.com"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("user={user}")) && l.contains("end=closed")),
+            "no closed session line for {user}:\n{log}"
+        );
+    }
+}

@@ -20,16 +20,16 @@ use tokio::time::Instant;
 
 use crate::buffers::{PooledBuf, Size};
 use crate::imap::aware::Aware;
-use crate::relay::{is_disconnect, Meter, RelayEnd, RelayStats};
+use crate::relay::{is_disconnect, Meter, RelayEnd, RelayStats, CLOSE_GRACE};
 use crate::shutdown::{Phase, Shutdown};
 
 /// The client is not read while this much waits to be written to it.
 const CLIENT_BACKLOG: usize = 256 * 1024;
 
-/// Relays a logged-in IMAP session through `filter` until both sides are done, the idle
-/// timeout passes, or the shutdown reaches `Closing`. `pipelined` is what the client sent
-/// after its login (not yet seen by the backend). The streams stay the caller's, for the
-/// goodbye.
+/// Relays a logged-in IMAP session through `filter` until both sides are done (or the backend
+/// is, and the client has been silent for `CLOSE_GRACE` since), the idle timeout passes, or
+/// the shutdown reaches `Closing`. `pipelined` is what the client sent after its login (not
+/// yet seen by the backend). The streams stay the caller's, for the goodbye.
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
@@ -127,9 +127,36 @@ where
             }
         }
     };
+    // Both pumps done; or the backend's (its close passed on to the client) and then the
+    // client silent for `CLOSE_GRACE`, as in the splice.
+    let done = async {
+        tokio::pin!(up, down);
+        tokio::select! {
+            r = &mut up => {
+                r?;
+                down.await
+            }
+            r = &mut down => {
+                r?;
+                let done_at = Instant::now();
+                let grace = async {
+                    loop {
+                        tokio::time::sleep_until(done_at.max(last()) + CLOSE_GRACE).await;
+                        if done_at.max(last()) + CLOSE_GRACE <= Instant::now() {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = up => r,
+                    () = grace => Ok(()),
+                }
+            }
+        }
+    };
     let end = tokio::select! {
-        r = async { tokio::try_join!(up, down) } => match r {
-            Ok(_) => RelayEnd::Closed,
+        r = done => match r {
+            Ok(()) => RelayEnd::Closed,
             Err(e) if is_disconnect(&e) => RelayEnd::Closed,
             Err(_) => RelayEnd::Error,
         },
@@ -292,6 +319,54 @@ mod tests {
         assert_eq!(end, RelayEnd::Closed);
         assert_eq!(stats.client_to_backend, 33 + 34);
         assert_eq!(stats.backend_to_client, 56 + 14 + 27);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stays_after_the_backend_closed_gets_the_close_grace() {
+        let (mut client_side, mut client) = tokio::io::duplex(1024);
+        let (mut backend, mut backend_side) = tokio::io::duplex(1024);
+        let (_trigger, mut shutdown) = crate::shutdown::channel();
+        let relay = tokio::spawn(async move {
+            let r = relay(
+                &mut client,
+                &mut backend,
+                filter(),
+                b"",
+                Duration::from_secs(1800),
+                &mut shutdown,
+                &NoMeter,
+            )
+            .await;
+            (r, Instant::now())
+        });
+        let start = Instant::now();
+        backend_side
+            .write_all(b"* BYE Logging out\r\n")
+            .await
+            .expect("write");
+        backend_side.shutdown().await.expect("shutdown");
+        let mut tail = Vec::new();
+        client_side.read_to_end(&mut tail).await.expect("read");
+        assert_eq!(
+            tail, b"* BYE Logging out\r\n",
+            "the close reaches the client"
+        );
+        // Late bytes from the client still pass and restart its time to close.
+        tokio::time::sleep(CLOSE_GRACE / 2).await;
+        client_side.write_all(b"a9 NOOP\r\n").await.expect("write");
+        assert_eq!(read_until(&mut backend_side, b"\r\n").await, b"a9 NOOP\r\n");
+        let written = Instant::now();
+        let ((end, _), ended) = relay.await.expect("join");
+        assert_eq!(end, RelayEnd::Closed);
+        assert!(
+            ended >= written + CLOSE_GRACE,
+            "the client's late bytes restart its grace"
+        );
+        assert!(
+            ended < start + 2 * CLOSE_GRACE,
+            "the session ends a grace after the client's last bytes, not at the idle timeout: {:?}",
+            ended - start
+        );
     }
 
     #[tokio::test(start_paused = true)]
