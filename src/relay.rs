@@ -8,8 +8,9 @@
 //! session holds no relay buffer at all.
 //!
 //! When the backend is done (it said `BYE` or `221` and closed), its close is passed on to the
-//! client, which then has `CLOSE_GRACE` of silence to close its side: a client that never does must not
-//! keep the session, its descriptors and its place under the caps until the idle timeout.
+//! client, which then has `CLOSE_GRACE` of silence to close its side: a client that never does
+//! must not keep the session, its descriptors and its place under the caps until the idle
+//! timeout.
 
 use std::future::Future;
 use std::io;
@@ -242,8 +243,8 @@ where
 }
 
 /// Copies bytes both ways until both sides are done (or the backend is, and the client has
-/// been silent for `CLOSE_GRACE` since), the idle timeout passes, or the shutdown reaches `Closing`. The streams stay the caller's, so it can say goodbye in the
-/// protocol.
+/// been silent for `CLOSE_GRACE` since), the idle timeout passes, or the shutdown reaches
+/// `Closing`. The streams stay the caller's, so it can say goodbye in the protocol.
 pub async fn splice<C, B>(
     client: &mut C,
     backend: &mut B,
@@ -305,10 +306,69 @@ pub(crate) fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
+/// For both relays' tests (paused time): the backend says `* BYE` and closes its sending side
+/// but keeps reading; the client reads to the end, sends a late command half a grace later
+/// (which must reach the backend), then stays silent and never closes. Asserts that the relay
+/// `start` runs (on the relay's ends of the client's and the backend's streams) ends as
+/// `Closed` one `CLOSE_GRACE` after the late bytes, long before its idle timeout.
+#[cfg(test)]
+pub(crate) async fn client_stays_after_the_backend_closed<F, Fut>(start: F) -> RelayStats
+where
+    F: FnOnce(tokio::io::DuplexStream, tokio::io::DuplexStream) -> Fut,
+    Fut: Future<Output = (RelayEnd, RelayStats)> + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_side, client) = tokio::io::duplex(1024);
+    let (backend, mut backend_side) = tokio::io::duplex(1024);
+    let run = start(client, backend);
+    let relay = tokio::spawn(async move { (run.await, Instant::now()) });
+    let begin = Instant::now();
+    backend_side.write_all(b"* BYE\r\n").await.expect("write");
+    backend_side.shutdown().await.expect("shutdown");
+    let mut tail = Vec::new();
+    client_side.read_to_end(&mut tail).await.expect("read");
+    assert_eq!(tail, b"* BYE\r\n", "the close reaches the client");
+    tokio::time::sleep(CLOSE_GRACE / 2).await;
+    client_side.write_all(b"a9 NOOP\r\n").await.expect("write");
+    let mut late = [0u8; 9];
+    backend_side.read_exact(&mut late).await.expect("read");
+    assert_eq!(&late, b"a9 NOOP\r\n", "late bytes still pass");
+    let written = Instant::now();
+    let ((end, stats), ended) = relay.await.expect("join");
+    assert_eq!(end, RelayEnd::Closed);
+    assert!(
+        ended >= written + CLOSE_GRACE,
+        "the client's late bytes restart its grace"
+    );
+    assert!(
+        ended < begin + 2 * CLOSE_GRACE,
+        "the session ends a grace after the client's last bytes, not at the idle timeout: {:?}",
+        ended - begin
+    );
+    stats
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A splice of two owned streams without a meter (to spawn).
+    async fn unmetered(
+        mut client: tokio::io::DuplexStream,
+        mut backend: tokio::io::DuplexStream,
+        idle_timeout: Duration,
+        mut shutdown: Shutdown,
+    ) -> (RelayEnd, RelayStats) {
+        splice(
+            &mut client,
+            &mut backend,
+            idle_timeout,
+            &mut shutdown,
+            &NoMeter,
+        )
+        .await
+    }
 
     #[derive(Default)]
     struct Counting(AtomicU64, AtomicU64);
@@ -374,19 +434,15 @@ mod tests {
     async fn large_transfers_both_ways_at_once_do_not_deadlock() {
         // Each side writes 4 MiB while the other writes too, through small pipes: a relay
         // that served one direction at a time would block forever.
-        let (client_side, mut client) = tokio::io::duplex(1024);
-        let (mut backend, backend_side) = tokio::io::duplex(1024);
-        let (_trigger, mut shutdown) = crate::shutdown::channel();
-        let relay = tokio::spawn(async move {
-            splice(
-                &mut client,
-                &mut backend,
-                Duration::from_secs(60),
-                &mut shutdown,
-                &NoMeter,
-            )
-            .await
-        });
+        let (client_side, client) = tokio::io::duplex(1024);
+        let (backend, backend_side) = tokio::io::duplex(1024);
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let relay = tokio::spawn(unmetered(
+            client,
+            backend,
+            Duration::from_secs(60),
+            shutdown,
+        ));
         let payload: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
         let (mut cr, mut cw) = tokio::io::split(client_side);
         let (mut br, mut bw) = tokio::io::split(backend_side);
@@ -419,19 +475,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_ends_the_splice() {
-        let (mut client_side, mut client) = tokio::io::duplex(64);
-        let (mut backend, _backend_side) = tokio::io::duplex(64);
-        let (_trigger, mut shutdown) = crate::shutdown::channel();
-        let relay = tokio::spawn(async move {
-            splice(
-                &mut client,
-                &mut backend,
-                Duration::from_secs(1800),
-                &mut shutdown,
-                &NoMeter,
-            )
-            .await
-        });
+        let (mut client_side, client) = tokio::io::duplex(64);
+        let (backend, _backend_side) = tokio::io::duplex(64);
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let relay = tokio::spawn(unmetered(
+            client,
+            backend,
+            Duration::from_secs(1800),
+            shutdown,
+        ));
         tokio::time::sleep(Duration::from_secs(1000)).await;
         client_side.write_all(b"x").await.expect("write");
         tokio::time::sleep(Duration::from_secs(1000)).await;
@@ -445,65 +497,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_stays_after_the_backend_closed_gets_the_close_grace() {
-        let (mut client_side, mut client) = tokio::io::duplex(64);
-        let (mut backend, mut backend_side) = tokio::io::duplex(64);
-        let (_trigger, mut shutdown) = crate::shutdown::channel();
-        let relay = tokio::spawn(async move {
-            let r = splice(
-                &mut client,
-                &mut backend,
-                Duration::from_secs(1800),
-                &mut shutdown,
-                &NoMeter,
-            )
-            .await;
-            (r, Instant::now())
-        });
-        let start = Instant::now();
-        // The backend says goodbye and closes its sending side, but keeps reading: the client's
-        // late bytes reach it and restart the client's time to close.
-        backend_side.write_all(b"* BYE\r\n").await.expect("write");
-        backend_side.shutdown().await.expect("shutdown");
-        let mut tail = Vec::new();
-        client_side.read_to_end(&mut tail).await.expect("read");
-        assert_eq!(tail, b"* BYE\r\n", "the close reaches the client");
-        tokio::time::sleep(CLOSE_GRACE / 2).await;
-        client_side.write_all(b"a9 NOOP\r\n").await.expect("write");
-        let mut late = [0u8; 9];
-        backend_side.read_exact(&mut late).await.expect("read");
-        assert_eq!(&late, b"a9 NOOP\r\n");
-        let written = Instant::now();
-        // Then the client says nothing and never closes.
-        let ((end, stats), ended) = relay.await.expect("join");
-        assert_eq!(end, RelayEnd::Closed);
+        let stats = client_stays_after_the_backend_closed(|client, backend| async move {
+            let (_trigger, shutdown) = crate::shutdown::channel();
+            unmetered(client, backend, Duration::from_secs(1800), shutdown).await
+        })
+        .await;
         assert_eq!(stats.backend_to_client, 7);
         assert_eq!(stats.client_to_backend, 9);
-        assert!(
-            ended >= written + CLOSE_GRACE,
-            "the client's late bytes restart its grace"
-        );
-        assert!(
-            ended < start + 2 * CLOSE_GRACE,
-            "the session ends a grace after the client's last bytes, not at the idle timeout: {:?}",
-            ended - start
-        );
     }
 
     #[tokio::test]
     async fn closing_phase_ends_the_splice() {
-        let (_client_side, mut client) = tokio::io::duplex(64);
-        let (mut backend, _backend_side) = tokio::io::duplex(64);
-        let (trigger, mut shutdown) = crate::shutdown::channel();
-        let relay = tokio::spawn(async move {
-            splice(
-                &mut client,
-                &mut backend,
-                Duration::from_secs(60),
-                &mut shutdown,
-                &NoMeter,
-            )
-            .await
-        });
+        let (_client_side, client) = tokio::io::duplex(64);
+        let (backend, _backend_side) = tokio::io::duplex(64);
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let relay = tokio::spawn(unmetered(
+            client,
+            backend,
+            Duration::from_secs(60),
+            shutdown,
+        ));
         trigger.advance(Phase::Draining);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!relay.is_finished(), "draining lets spliced sessions run");

@@ -215,6 +215,26 @@ mod tests {
         )
     }
 
+    /// The relay with `filter()`, a 30-minute idle timeout and no meter.
+    async fn filtered(
+        client: &mut tokio::io::DuplexStream,
+        backend: &mut tokio::io::DuplexStream,
+        pipelined: &[u8],
+        shutdown: &mut Shutdown,
+    ) -> (RelayEnd, RelayStats) {
+        let idle = Duration::from_secs(1800);
+        relay(
+            client,
+            backend,
+            filter(),
+            pipelined,
+            idle,
+            shutdown,
+            &NoMeter,
+        )
+        .await
+    }
+
     async fn read_until(stream: &mut (impl AsyncRead + Unpin), needle: &[u8]) -> Vec<u8> {
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
@@ -251,16 +271,7 @@ mod tests {
         let (mut backend, mut backend_side) = tokio::io::duplex(1024);
         let (_trigger, mut shutdown) = crate::shutdown::channel();
         let relay = tokio::spawn(async move {
-            relay(
-                &mut client,
-                &mut backend,
-                filter(),
-                b"p0 NOOP\r\n",
-                Duration::from_secs(60),
-                &mut shutdown,
-                &NoMeter,
-            )
-            .await
+            filtered(&mut client, &mut backend, b"p0 NOOP\r\n", &mut shutdown).await
         });
         // The pipelined command reaches the backend first.
         assert_eq!(read_until(&mut backend_side, b"\r\n").await, b"p0 NOOP\r\n");
@@ -323,50 +334,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_stays_after_the_backend_closed_gets_the_close_grace() {
-        let (mut client_side, mut client) = tokio::io::duplex(1024);
-        let (mut backend, mut backend_side) = tokio::io::duplex(1024);
-        let (_trigger, mut shutdown) = crate::shutdown::channel();
-        let relay = tokio::spawn(async move {
-            let r = relay(
-                &mut client,
-                &mut backend,
-                filter(),
-                b"",
-                Duration::from_secs(1800),
-                &mut shutdown,
-                &NoMeter,
-            )
-            .await;
-            (r, Instant::now())
-        });
-        let start = Instant::now();
-        backend_side
-            .write_all(b"* BYE Logging out\r\n")
-            .await
-            .expect("write");
-        backend_side.shutdown().await.expect("shutdown");
-        let mut tail = Vec::new();
-        client_side.read_to_end(&mut tail).await.expect("read");
-        assert_eq!(
-            tail, b"* BYE Logging out\r\n",
-            "the close reaches the client"
-        );
-        // Late bytes from the client still pass and restart its time to close.
-        tokio::time::sleep(CLOSE_GRACE / 2).await;
-        client_side.write_all(b"a9 NOOP\r\n").await.expect("write");
-        assert_eq!(read_until(&mut backend_side, b"\r\n").await, b"a9 NOOP\r\n");
-        let written = Instant::now();
-        let ((end, _), ended) = relay.await.expect("join");
-        assert_eq!(end, RelayEnd::Closed);
-        assert!(
-            ended >= written + CLOSE_GRACE,
-            "the client's late bytes restart its grace"
-        );
-        assert!(
-            ended < start + 2 * CLOSE_GRACE,
-            "the session ends a grace after the client's last bytes, not at the idle timeout: {:?}",
-            ended - start
-        );
+        let stats = crate::relay::client_stays_after_the_backend_closed(
+            |mut client, mut backend| async move {
+                let (_trigger, mut shutdown) = crate::shutdown::channel();
+                filtered(&mut client, &mut backend, b"", &mut shutdown).await
+            },
+        )
+        .await;
+        assert_eq!((stats.backend_to_client, stats.client_to_backend), (7, 9));
     }
 
     #[tokio::test(start_paused = true)]
@@ -374,30 +349,12 @@ mod tests {
         let (_client_side, mut client) = tokio::io::duplex(64);
         let (mut backend, _backend_side) = tokio::io::duplex(64);
         let (_trigger, mut shutdown) = crate::shutdown::channel();
-        let (end, _) = relay(
-            &mut client,
-            &mut backend,
-            filter(),
-            b"",
-            Duration::from_secs(1800),
-            &mut shutdown,
-            &NoMeter,
-        )
-        .await;
+        let (end, _) = filtered(&mut client, &mut backend, b"", &mut shutdown).await;
         assert_eq!(end, RelayEnd::IdleTimeout);
 
         let (trigger, mut shutdown) = crate::shutdown::channel();
         trigger.advance(Phase::Closing);
-        let (end, _) = relay(
-            &mut client,
-            &mut backend,
-            filter(),
-            b"",
-            Duration::from_secs(1800),
-            &mut shutdown,
-            &NoMeter,
-        )
-        .await;
+        let (end, _) = filtered(&mut client, &mut backend, b"", &mut shutdown).await;
         assert_eq!(end, RelayEnd::Shutdown);
     }
 }
