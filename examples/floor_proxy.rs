@@ -54,7 +54,7 @@ fn main() -> Result<()> {
         .context("no IMAP backend")?
         .clone();
     let tls = Tls::from_config(&config.tls).context("TLS certificates")?;
-    let (address, sockets) = workers::bind(listener.address, workers::count())
+    let (address, sockets) = workers::bind(listener.address, workers::count(), None)
         .with_context(|| format!("cannot bind {}", listener.address))?;
     let workers = Workers::start(sockets.len()).context("workers")?;
     for (socket, worker) in sockets.into_iter().zip(workers.handles()) {

@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{BackendTls, CertificateConfig, HostPort, Protocol};
+use crate::keepalive::Keepalive;
 use crate::metrics::Metrics;
 use crate::resolver::Resolver;
 use crate::routing::Pool;
@@ -63,7 +64,8 @@ impl BackendError {
 
 /// Resolves `address` (IP literals at once, host names from the resolver's TTL cache or DNS),
 /// then connects to its addresses in order, as `TcpStream::connect` does, with `TCP_NODELAY`
-/// (login exchanges are small round trips). `timeout` bounds the whole step, DNS included.
+/// (login exchanges are small round trips) and `keepalive`. `timeout` bounds the whole step,
+/// DNS included.
 ///
 /// # Errors
 /// `Unreachable` on DNS failure, refusal or timeout.
@@ -71,6 +73,7 @@ async fn connect_tcp(
     resolver: &Resolver,
     address: &str,
     timeout: Duration,
+    keepalive: Option<Keepalive>,
 ) -> Result<TcpStream, BackendError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let addrs = tokio::time::timeout_at(deadline, resolver.resolve(address))
@@ -82,6 +85,10 @@ async fn connect_tcp(
         match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
+                if let Some(keepalive) = keepalive {
+                    // As `TCP_NODELAY`: a connection without it still works.
+                    let _ = keepalive.apply(socket2::SockRef::from(&stream));
+                }
                 return Ok(stream);
             }
             Ok(Err(e)) => last = Some(e),
@@ -107,6 +114,8 @@ pub struct Transport {
     client: Option<Arc<ClientCertificate>>,
     /// A TLS pool without a certificate: whether a backend asked for one.
     requests: Option<Arc<CertificateRequests>>,
+    /// `limits.tcp_keepalive` for every backend connection (`None`: the kernel's defaults).
+    keepalive: Option<Keepalive>,
 }
 
 /// The certificate a pool presents to backends that ask for one. A reload replaces it whole;
@@ -341,6 +350,7 @@ impl Transport {
             tls: Tls::Plain,
             client: None,
             requests: None,
+            keepalive: None,
         }
     }
 
@@ -376,7 +386,13 @@ impl Transport {
             tls,
             client,
             requests,
+            keepalive: None,
         })
+    }
+
+    /// The same transport, setting `keepalive` on each backend connection.
+    pub fn with_keepalive(self, keepalive: Option<Keepalive>) -> Transport {
+        Transport { keepalive, ..self }
     }
 
     /// The certificate this pool presents to backends, if it has one.
@@ -433,7 +449,7 @@ impl Transport {
         address: &str,
         timeout: Duration,
     ) -> Result<BackendStream, BackendError> {
-        let tcp = connect_tcp(&self.resolver, address, timeout).await?;
+        let tcp = connect_tcp(&self.resolver, address, timeout, self.keepalive).await?;
         match &self.tls {
             Tls::Implicit(connector) => {
                 handshake(connector, self.requests.as_deref(), tcp, address, timeout).await
@@ -935,6 +951,36 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn backend_connections_get_the_keepalive_and_none_without_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let resolver = Resolver::system().expect("resolver");
+        let t = Duration::from_secs(5);
+        let on = Transport::plain(resolver.clone())
+            .with_keepalive(Keepalive::new(Duration::from_secs(60)));
+        let Ok(BackendStream::Plain(tcp)) = on.connect(&address, t).await else {
+            panic!("a plain connection");
+        };
+        assert_eq!(
+            crate::keepalive::tests::read_back(socket2::SockRef::from(&tcp)),
+            (
+                true,
+                Duration::from_secs(60),
+                Duration::from_secs(30),
+                crate::keepalive::PROBES,
+                Duration::from_secs(180)
+            )
+        );
+        let off = Transport::plain(resolver);
+        let Ok(BackendStream::Plain(tcp)) = off.connect(&address, t).await else {
+            panic!("a plain connection");
+        };
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(!socket.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"), None);
     }
 
     #[test]

@@ -524,6 +524,9 @@ pub struct Limits {
     pub handshake_timeout: HumanDuration,
     pub preauth_timeout: HumanDuration,
     pub idle_timeout: HumanDuration,
+    /// Silence before the kernel probes a peer on client and backend connections
+    /// (`keepalive`); `0s`: off.
+    pub tcp_keepalive: HumanDuration,
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
     pub max_sessions_per_user_ip: u32,
@@ -544,6 +547,7 @@ impl Default for Limits {
             handshake_timeout: HumanDuration(Duration::from_secs(10)),
             preauth_timeout: HumanDuration(Duration::from_secs(60)),
             idle_timeout: HumanDuration(Duration::from_secs(30 * 60)),
+            tcp_keepalive: HumanDuration(Duration::from_secs(2 * 60)),
             max_connections: 50_000,
             max_connections_per_ip: 50,
             max_sessions_per_user_ip: 10,
@@ -1302,6 +1306,18 @@ fn check_limits(l: &Limits, p: &mut Problems<'_>) {
             p.push(format!("limits.{name}"), "must be more than 0s".into());
         }
     }
+    let keepalive = l.tcp_keepalive.0;
+    if !keepalive.is_zero()
+        && !(Duration::from_secs(1)..=crate::keepalive::MAX_IDLE).contains(&keepalive)
+    {
+        p.push(
+            "limits.tcp_keepalive".into(),
+            format!(
+                "must be 0s (off) or from 1s to {}s",
+                crate::keepalive::MAX_IDLE.as_secs()
+            ),
+        );
+    }
     for (name, n) in [
         ("max_connections", l.max_connections),
         ("max_connections_per_ip", l.max_connections_per_ip),
@@ -1873,6 +1889,26 @@ pools:
         match Config::from_yaml(yaml, Path::new("t.yaml")) {
             Ok(_) => Vec::new(),
             Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn tcp_keepalive_is_on_by_default_off_at_zero_and_bounded() {
+        let load = |extra: &str| Config::from_yaml(&plain(extra), Path::new("t.yaml"));
+        let default = load("").unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(default.limits.tcp_keepalive.0, Duration::from_secs(120));
+        let off = load("limits:\n  tcp_keepalive: 0s\n").unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            crate::keepalive::Keepalive::new(off.limits.tcp_keepalive.0),
+            None
+        );
+        for value in ["500ms", "10h"] {
+            let errors = errors_of(&plain(&format!("limits:\n  tcp_keepalive: {value}\n")));
+            assert_eq!(
+                errors,
+                ["t.yaml:15: limits.tcp_keepalive: must be 0s (off) or from 1s to 32767s"],
+                "{value}"
+            );
         }
     }
 

@@ -34,6 +34,7 @@ pub mod buffers;
 pub mod config;
 pub mod health;
 pub mod imap;
+pub mod keepalive;
 pub mod limits;
 pub mod login;
 pub mod metrics;

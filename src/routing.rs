@@ -322,7 +322,10 @@ impl Router {
             .map_err(|e| RouterError::Pool {
                 pool: name.clone(),
                 message: e.to_string(),
-            })?;
+            })?
+            .with_keepalive(crate::keepalive::Keepalive::new(
+                config.limits.tcp_keepalive.0,
+            ));
             pools.insert(
                 name.clone(),
                 Arc::new(Pool::new(

@@ -19,7 +19,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+use crate::keepalive::Keepalive;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
@@ -106,8 +108,8 @@ impl Workers {
     }
 }
 
-/// Binds `count` listening sockets to `address` (non-blocking, `TCP_NODELAY` for the
-/// connections they accept; `SO_REUSEPORT` when there is more than one). Returns the address
+/// Binds `count` listening sockets to `address` (non-blocking, `TCP_NODELAY` and `keepalive`
+/// for the connections they accept; `SO_REUSEPORT` when there is more than one). Returns the address
 /// they are bound to (the port chosen for port 0) and the sockets.
 ///
 /// `SO_REUSEPORT` would also let a second mailgate started by mistake share the port
@@ -120,6 +122,7 @@ impl Workers {
 pub fn bind(
     address: SocketAddr,
     count: usize,
+    keepalive: Option<Keepalive>,
 ) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
     let address = {
         let probe = socket(address, false)?;
@@ -133,6 +136,9 @@ pub fn bind(
     let sockets = (0..count.max(1))
         .map(|_| {
             let s = socket(address, reuse_port)?;
+            if let Some(keepalive) = keepalive {
+                keepalive.apply(SockRef::from(&s))?;
+            }
             s.bind(&address.into())?;
             s.listen(BACKLOG)?;
             Ok(s.into())
@@ -165,7 +171,9 @@ mod tests {
 
     #[test]
     fn a_group_shares_one_port_and_every_socket_accepts() {
-        let (address, sockets) = bind("127.0.0.1:0".parse().expect("address"), 3).expect("bind");
+        let keepalive = Keepalive::new(Duration::from_secs(120));
+        let (address, sockets) =
+            bind("127.0.0.1:0".parse().expect("address"), 3, keepalive).expect("bind");
         assert_eq!(sockets.len(), 3);
         let port = address.port();
         assert_ne!(port, 0);
@@ -182,6 +190,13 @@ mod tests {
             let mut mine = 0;
             while let Ok((stream, _)) = s.accept() {
                 assert!(stream.nodelay().expect("nodelay"), "inherits TCP_NODELAY");
+                let (on, idle, _, _, user_timeout) =
+                    crate::keepalive::tests::read_back(SockRef::from(&stream));
+                assert_eq!(
+                    (on, idle, user_timeout),
+                    (true, Duration::from_secs(120), Duration::from_secs(240)),
+                    "inherits the keepalive"
+                );
                 mine += 1;
             }
             assert!(mine > 0, "every socket of the group gets connections");
@@ -192,11 +207,11 @@ mod tests {
 
     #[test]
     fn an_address_in_use_is_refused_even_for_a_second_group() {
-        let (taken, _first) = bind("127.0.0.1:0".parse().expect("address"), 2).expect("bind");
-        let err = bind(taken, 2).expect_err("a second group on the same port");
+        let (taken, _first) = bind("127.0.0.1:0".parse().expect("address"), 2, None).expect("bind");
+        let err = bind(taken, 2, None).expect_err("a second group on the same port");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("plain");
-        let err = bind(plain.local_addr().expect("addr"), 1).expect_err("a plain listener");
+        let err = bind(plain.local_addr().expect("addr"), 1, None).expect_err("a plain listener");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
 
