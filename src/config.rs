@@ -541,6 +541,13 @@ pub struct Limits {
     pub trusted_proxies: Vec<IpNet>,
 }
 
+impl Limits {
+    /// `tcp_keepalive` for the sockets (`None`: off).
+    pub fn keepalive(&self) -> Option<crate::keepalive::Keepalive> {
+        crate::keepalive::Keepalive::new(self.tcp_keepalive.0)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -1898,10 +1905,7 @@ pools:
         let default = load("").unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(default.limits.tcp_keepalive.0, Duration::from_secs(120));
         let off = load("limits:\n  tcp_keepalive: 0s\n").unwrap_or_else(|e| panic!("{e:?}"));
-        assert_eq!(
-            crate::keepalive::Keepalive::new(off.limits.tcp_keepalive.0),
-            None
-        );
+        assert_eq!(off.limits.keepalive(), None);
         for value in ["500ms", "10h"] {
             let errors = errors_of(&plain(&format!("limits:\n  tcp_keepalive: {value}\n")));
             assert_eq!(

@@ -271,14 +271,7 @@ where
         grace: None,
     };
     let end = {
-        let idle = async {
-            loop {
-                tokio::time::sleep_until(activity.last() + idle_timeout).await;
-                if activity.last() + idle_timeout <= Instant::now() {
-                    return;
-                }
-            }
-        };
+        let idle = quiet_for(|| activity.last(), idle_timeout);
         tokio::select! {
             r = &mut copy => match r {
                 Ok(()) => RelayEnd::Closed,
@@ -294,6 +287,17 @@ where
         backend_to_client: copy.down.amount,
     };
     (end, stats)
+}
+
+/// Returns once `span` has passed since `last()`, which is read again after each wait (bytes
+/// that moved meanwhile put it later): the idle timeout, and the aware relay's close grace.
+pub(crate) async fn quiet_for(last: impl Fn() -> Instant, span: Duration) {
+    loop {
+        tokio::time::sleep_until(last() + span).await;
+        if last() + span <= Instant::now() {
+            return;
+        }
+    }
 }
 
 /// An ordinary way for a peer to go away (a reset, or TLS closed without close_notify, as

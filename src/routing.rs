@@ -323,9 +323,7 @@ impl Router {
                 pool: name.clone(),
                 message: e.to_string(),
             })?
-            .with_keepalive(crate::keepalive::Keepalive::new(
-                config.limits.tcp_keepalive.0,
-            ));
+            .with_keepalive(config.limits.keepalive());
             pools.insert(
                 name.clone(),
                 Arc::new(Pool::new(

@@ -130,7 +130,7 @@ impl Server {
         let metrics = Metrics::new(&prometheus::Registry::new(), &config).context("metrics")?;
         report_certificates(&metrics, tls.as_ref(), &router);
         let worker_count = workers::count();
-        let keepalive = crate::keepalive::Keepalive::new(config.limits.tcp_keepalive.0);
+        let keepalive = config.limits.keepalive();
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let (local_addr, sockets) = workers::bind(l.address, worker_count, keepalive)

@@ -20,10 +20,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-
-use crate::keepalive::Keepalive;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+
+use crate::keepalive::Keepalive;
 
 /// Connections waiting in the kernel for `accept`, per socket (tokio's `TcpListener::bind`).
 const BACKLOG: i32 = 1024;
@@ -109,8 +109,8 @@ impl Workers {
 }
 
 /// Binds `count` listening sockets to `address` (non-blocking, `TCP_NODELAY` and `keepalive`
-/// for the connections they accept; `SO_REUSEPORT` when there is more than one). Returns the address
-/// they are bound to (the port chosen for port 0) and the sockets.
+/// for the connections they accept; `SO_REUSEPORT` when there is more than one). Returns the
+/// address they are bound to (the port chosen for port 0) and the sockets.
 ///
 /// `SO_REUSEPORT` would also let a second mailgate started by mistake share the port
 /// silently, so the address is first bound by a socket without it: that fails ("address in

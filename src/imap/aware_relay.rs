@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::buffers::{PooledBuf, Size};
 use crate::imap::aware::Aware;
-use crate::relay::{is_disconnect, Meter, RelayEnd, RelayStats, CLOSE_GRACE};
+use crate::relay::{is_disconnect, quiet_for, Meter, RelayEnd, RelayStats, CLOSE_GRACE};
 use crate::shutdown::{Phase, Shutdown};
 
 /// The client is not read while this much waits to be written to it.
@@ -119,14 +119,7 @@ where
             }
         }
     };
-    let idle = async {
-        loop {
-            tokio::time::sleep_until(last() + idle_timeout).await;
-            if last() + idle_timeout <= Instant::now() {
-                return;
-            }
-        }
-    };
+    let idle = quiet_for(last, idle_timeout);
     // Both pumps done; or the backend's (its close passed on to the client) and then the
     // client silent for `CLOSE_GRACE`, as in the splice.
     let done = async {
@@ -139,14 +132,7 @@ where
             r = &mut down => {
                 r?;
                 let done_at = Instant::now();
-                let grace = async {
-                    loop {
-                        tokio::time::sleep_until(done_at.max(last()) + CLOSE_GRACE).await;
-                        if done_at.max(last()) + CLOSE_GRACE <= Instant::now() {
-                            return;
-                        }
-                    }
-                };
+                let grace = quiet_for(|| done_at.max(last()), CLOSE_GRACE);
                 tokio::select! {
                     r = up => r,
                     () = grace => Ok(()),
