@@ -764,6 +764,153 @@ impl Config {
         notes.iter().map(ToString::to_string).collect()
     }
 
+    /// The settings a reload cannot put in place: those of `new` that differ from `self` (the
+    /// config the process started with) in the listeners, `tls.self_signed_if_missing`,
+    /// routing, limits, shutdown, messages or metrics, each as `file:line: key: ...` in `new`'s
+    /// file, in line order. The pools' settings are compared by the reload itself, which puts
+    /// some of them in place; the account file and certificates always reload.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<ConfigError> {
+        // Destructured in full, so a new setting cannot be left out of the comparison.
+        let Config {
+            listeners,
+            tls:
+                TlsConfig {
+                    certificates: _,
+                    self_signed_if_missing,
+                },
+            accounts: _,
+            routing,
+            pools: _,
+            limits,
+            shutdown,
+            messages,
+            metrics,
+            source: _,
+            key_lines: _,
+        } = self;
+        let mut keys = Vec::new();
+        let mut differ = |key: String, same: bool| {
+            if !same {
+                keys.push(key);
+            }
+        };
+        if listeners.len() == new.listeners.len() {
+            for (i, (old, now)) in listeners.iter().zip(&new.listeners).enumerate() {
+                let ListenerConfig {
+                    name,
+                    protocol,
+                    address,
+                    tls,
+                    proxy_protocol,
+                } = old;
+                differ(format!("listeners[{i}].name"), *name == now.name);
+                differ(
+                    format!("listeners[{i}].protocol"),
+                    *protocol == now.protocol,
+                );
+                differ(format!("listeners[{i}].address"), *address == now.address);
+                differ(format!("listeners[{i}].tls"), *tls == now.tls);
+                differ(
+                    format!("listeners[{i}].proxy_protocol"),
+                    *proxy_protocol == now.proxy_protocol,
+                );
+            }
+        } else {
+            differ("listeners".into(), false);
+        }
+        differ(
+            "tls.self_signed_if_missing".into(),
+            *self_signed_if_missing == new.tls.self_signed_if_missing,
+        );
+        macro_rules! fields {
+            ($section:literal, $ty:ident, $old:expr, $new:expr, [$($field:ident),+ $(,)?]) => {{
+                let $ty { $($field: _),+ } = $old;
+                $(differ(
+                    concat!($section, ".", stringify!($field)).to_string(),
+                    $old.$field == $new.$field,
+                );)+
+            }};
+        }
+        fields!(
+            "routing",
+            RoutingConfig,
+            routing,
+            new.routing,
+            [
+                consumer_domains,
+                default_domain,
+                consumer_pool,
+                organisation_pool,
+                domain_pools,
+            ]
+        );
+        fields!(
+            "limits",
+            Limits,
+            limits,
+            new.limits,
+            [
+                handshake_timeout,
+                preauth_timeout,
+                idle_timeout,
+                tcp_keepalive,
+                max_connections,
+                max_connections_per_ip,
+                max_sessions_per_user_ip,
+                max_auth_attempts,
+                auth_failure_delay,
+                auth_failure_max_delay,
+                failures_per_ip,
+                failures_per_user,
+                trusted_networks,
+                trusted_proxies,
+            ]
+        );
+        fields!(
+            "shutdown",
+            ShutdownConfig,
+            shutdown,
+            new.shutdown,
+            [drain_timeout]
+        );
+        fields!(
+            "messages",
+            Messages,
+            messages,
+            new.messages,
+            [
+                help_url,
+                app_password_required,
+                imap_disabled,
+                smtp_disabled,
+                imap_policy_denied,
+                smtp_policy_denied,
+                invalid_credentials,
+                smtp_invalid_credentials,
+                unavailable,
+                smtp_unavailable,
+                throttled,
+                too_many_connections,
+            ]
+        );
+        differ(
+            "metrics.address".into(),
+            metrics.as_ref().map(|MetricsConfig { address }| address)
+                == new.metrics.as_ref().map(|m| &m.address),
+        );
+        let mut changes: Vec<ConfigError> = keys
+            .into_iter()
+            .map(|key| ConfigError {
+                file: new.source.clone(),
+                line: new.key_lines.nearest_line(&key),
+                key,
+                message: "changed; it takes effect at a restart".into(),
+            })
+            .collect();
+        changes.sort_by_key(|c| c.line);
+        changes
+    }
+
     /// The master password of `pool`, from `password` or read now from `password_file`
     /// (surrounding whitespace and the final newline trimmed). The file is read on every call,
     /// so call it at start and at reload, not per login: a rotated file takes effect at reload.
@@ -1914,6 +2061,64 @@ pools:
                 "{value}"
             );
         }
+    }
+
+    #[test]
+    fn a_reload_names_each_changed_setting_that_waits_for_a_restart() {
+        let load = |yaml: &str| {
+            Config::from_yaml(yaml, Path::new("t.yaml")).unwrap_or_else(|e| panic!("{e:?}"))
+        };
+        let running = load(&plain("limits:\n  idle_timeout: 10m\n"));
+        let changes = |yaml: &str| -> Vec<String> {
+            let changes = running.restart_only_changes(&load(yaml));
+            changes.iter().map(ToString::to_string).collect()
+        };
+        // The same settings, spelt differently or left at their defaults, are no change; nor is
+        // what a reload puts in place or compares itself (the pools).
+        let same = plain("limits:\n  idle_timeout: 30m\n")
+            .replace(
+                "idle_timeout: 30m",
+                "idle_timeout: 600s\n  max_connections: 50000",
+            )
+            .replace(
+                "consumer_domains: [Example.COM]",
+                "consumer_domains: [example.com]",
+            )
+            .replace("127.0.0.1:1", "127.0.0.1:2")
+            .replace("mode: passthrough", "mode: master, user: u, password: p");
+        assert_eq!(changes(&same), Vec::<String>::new());
+
+        let edited = plain(
+            "limits:\n  idle_timeout: 5m\n  max_connections: 10\n\
+             messages:\n  throttled: Wait\nmetrics:\n  address: \"127.0.0.1:9\"\n",
+        )
+        .replace("127.0.0.1:0", "127.0.0.1:143")
+        .replace("default_domain: EXAMPLE.com", "default_domain: example.net");
+        assert_eq!(
+            changes(&edited),
+            [
+                "t.yaml:2: listeners[0].address: changed; it takes effect at a restart",
+                "t.yaml:7: routing.default_domain: changed; it takes effect at a restart",
+                "t.yaml:15: limits.idle_timeout: changed; it takes effect at a restart",
+                "t.yaml:16: limits.max_connections: changed; it takes effect at a restart",
+                "t.yaml:18: messages.throttled: changed; it takes effect at a restart",
+                "t.yaml:20: metrics.address: changed; it takes effect at a restart",
+            ]
+        );
+
+        // A listener added is the list's change; a setting gone from the file is blamed on
+        // the nearest key it still has (none here: the file's name alone).
+        let added = plain("").replace(
+            "tls: none }\n",
+            "tls: none }\n  - { name: u, protocol: imap, address: \"127.0.0.1:0\", tls: none }\n",
+        );
+        assert_eq!(
+            changes(&added),
+            [
+                "t.yaml: limits.idle_timeout: changed; it takes effect at a restart",
+                "t.yaml:1: listeners: changed; it takes effect at a restart",
+            ]
+        );
     }
 
     #[test]

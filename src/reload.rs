@@ -16,7 +16,8 @@
 //! spliced to it go on until they end. A pool's master user and password (`password`, or
 //! `password_file` read again) are the next login's. Other settings (listeners, routing, new
 //! pools, a pool's `backend_tls`, login mode, `smtp_login` and health settings, limits,
-//! messages) take effect at the next start.
+//! shutdown, messages, metrics) take effect at the next start, and each one changed against
+//! the config the process started with is named in a warning, at every reload until then.
 
 use std::path::Path;
 
@@ -166,6 +167,9 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
         tracing::info!(pool = %pool.name, "SIGHUP: pools.{}.login: the master user or password changed; the next login uses it", pool.name);
     }
     settle_backends(context, &changes);
+    for change in context.config.restart_only_changes(&config) {
+        tracing::warn!("SIGHUP: {change}");
+    }
     report_certificates(&context.metrics, context.tls.as_ref(), &context.router);
     match context.router.resolver().reload() {
         Ok(names) => reloaded.dns_names = Some(names),

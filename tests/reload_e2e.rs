@@ -6,7 +6,8 @@
 //! what happened. A pool's backend list changed in the config is in place after a reload: new
 //! logins go to the new backend, a session spliced to the removed one goes on, and the
 //! `mailgate_backend_up` series follow the list. A rotated master password file is read at
-//! the reload, and the next login uses it.
+//! the reload, and the next login uses it. A changed limit, which waits for a restart, is named
+//! with file and line at each reload until then, and the running one stays in force.
 
 mod common;
 
@@ -427,4 +428,91 @@ fn sighup_reads_a_rotated_master_password_file() {
     assert_eq!(count(&log, changed), 2, "{log}");
     // Neither password is ever logged.
     assert!(!log.contains(MASTER.1) && !log.contains(ROTATED), "{log}");
+}
+
+/// Opens `sys.argv[2]` TLS sessions to port `sys.argv[1]` at once and prints each greeting.
+const GREETINGS: &str = r#"
+import imaplib, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+sessions = []
+for _ in range(int(sys.argv[2])):
+    try:
+        m = imaplib.IMAP4_SSL("127.0.0.1", int(sys.argv[1]), ssl_context=ctx, timeout=20)
+        print("greeting:", m.welcome.decode())
+        sessions.append(m)
+    except Exception as e:
+        print("refused:", e)
+for m in sessions:
+    m.logout()
+"#;
+
+#[test]
+fn sighup_names_each_setting_that_waits_for_a_restart_and_keeps_the_running_one() {
+    let dovecot = backend_with(1);
+    let pool = Pool::master(&[dovecot.imap_addr()], &[], MASTER.0, MASTER.1);
+    let opts = MailgateOpts::new(pool.clone(), pool);
+    let mailgate = Mailgate::start(&opts);
+    let port = mailgate.port("imaps").to_string();
+    let greetings = || {
+        let out = run_python_args(GREETINGS, &[&port, "3"], CLIENT_TIMEOUT);
+        assert!(out.success(), "{out}\n--- mailgate ---\n{}", mailgate.log());
+        out.stdout
+    };
+
+    // The operator lowers the per-address cap and the idle timeout and reloads.
+    let edited = opts
+        .clone()
+        .limit("max_connections_per_ip: 1")
+        .limit("idle_timeout: 5m");
+    mailgate.rewrite_config(&edited);
+    mailgate.signal("HUP");
+    wait_for_reloads(&mailgate, 1);
+    let config = mailgate.dir().join("mailgate.yaml");
+    let text = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
+    let line_of = |key: &str| {
+        text.lines()
+            .position(|l| l.trim_start().starts_with(key))
+            .map(|i| i + 1)
+            .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+    };
+    let waits = |key: &str| {
+        format!(
+            "SIGHUP: {}:{}: limits.{key}: changed; it takes effect at a restart",
+            config.display(),
+            line_of(key)
+        )
+    };
+    let log = mailgate.log();
+    for key in ["max_connections_per_ip", "idle_timeout"] {
+        assert_eq!(count(&log, &waits(key)), 1, "{key}:\n{log}");
+    }
+    assert_eq!(count(&log, "takes effect at a restart"), 2, "{log}");
+    // What the warning says is so: the running cap is still the one it started with.
+    let out = greetings();
+    assert_eq!(
+        count(&out, "greeting: * OK"),
+        3,
+        "{out}\n{}",
+        mailgate.log()
+    );
+    assert_eq!(
+        mailgate.metric(
+            "mailgate_connections_rejected_total{listener=\"imaps\",reason=\"max_connections_per_ip\"}"
+        ),
+        0
+    );
+
+    // Until a restart the change is still waiting, and each reload says so again; the file put
+    // back as it was waits for nothing.
+    mailgate.signal("HUP");
+    wait_for_reloads(&mailgate, 2);
+    assert_eq!(count(&mailgate.log(), &waits("idle_timeout")), 2);
+    mailgate.rewrite_config(&opts);
+    mailgate.signal("HUP");
+    wait_for_reloads(&mailgate, 3);
+    let log = mailgate.log();
+    assert_eq!(count(&log, "takes effect at a restart"), 4, "{log}");
+    assert_eq!(reloads(&mailgate, "ok"), 3);
 }
