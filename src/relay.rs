@@ -39,16 +39,30 @@ pub enum RelayEnd {
     IdleTimeout,
     /// The drain deadline passed (or a fast shutdown).
     Shutdown,
-    /// A read or write failed (reset, broken pipe, TLS error).
+    /// The kernel gave up on a peer that stopped answering (`limits.tcp_keepalive`): a phone
+    /// that left coverage, a backend host that lost power.
+    PeerTimeout,
+    /// A read or write failed otherwise (a TLS error, say).
     Error,
 }
 
 impl RelayEnd {
+    /// How a relay whose copying returned `result` ended.
+    pub(crate) fn of(result: io::Result<()>) -> RelayEnd {
+        match result {
+            Ok(()) => RelayEnd::Closed,
+            Err(e) if is_disconnect(&e) => RelayEnd::Closed,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => RelayEnd::PeerTimeout,
+            Err(_) => RelayEnd::Error,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RelayEnd::Closed => "closed",
             RelayEnd::IdleTimeout => "idle_timeout",
             RelayEnd::Shutdown => "shutdown",
+            RelayEnd::PeerTimeout => "peer_timeout",
             RelayEnd::Error => "error",
         }
     }
@@ -273,11 +287,7 @@ where
     let end = {
         let idle = quiet_for(|| activity.last(), idle_timeout);
         tokio::select! {
-            r = &mut copy => match r {
-                Ok(()) => RelayEnd::Closed,
-                Err(e) if is_disconnect(&e) => RelayEnd::Closed,
-                Err(_) => RelayEnd::Error,
-            },
+            r = &mut copy => RelayEnd::of(r),
             () = idle => RelayEnd::IdleTimeout,
             () = shutdown.reached(Phase::Closing) => RelayEnd::Shutdown,
         }
@@ -384,6 +394,17 @@ mod tests {
         fn backend_to_client(&self, n: u64) {
             self.1.fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    #[test]
+    fn a_peer_the_kernel_gave_up_on_is_its_own_end() {
+        use io::ErrorKind::*;
+        let end = |kind| RelayEnd::of(Err(io::Error::from(kind))).as_str();
+        assert_eq!(RelayEnd::of(Ok(())).as_str(), "closed");
+        assert_eq!(end(ConnectionReset), "closed");
+        assert_eq!(end(UnexpectedEof), "closed");
+        assert_eq!(end(TimedOut), "peer_timeout");
+        assert_eq!(end(InvalidData), "error");
     }
 
     #[tokio::test]

@@ -689,7 +689,7 @@ impl Spliced {
         match end {
             RelayEnd::Shutdown => goodbye(&mut client, bye_shutdown).await,
             RelayEnd::IdleTimeout => goodbye(&mut client, bye_idle).await,
-            RelayEnd::Closed | RelayEnd::Error => {}
+            RelayEnd::Closed | RelayEnd::PeerTimeout | RelayEnd::Error => {}
         }
         log.emit(&conn);
         drop(session);

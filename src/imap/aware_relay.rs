@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::buffers::{PooledBuf, Size};
 use crate::imap::aware::Aware;
-use crate::relay::{is_disconnect, quiet_for, Meter, RelayEnd, RelayStats, CLOSE_GRACE};
+use crate::relay::{quiet_for, Meter, RelayEnd, RelayStats, CLOSE_GRACE};
 use crate::shutdown::{Phase, Shutdown};
 
 /// The client is not read while this much waits to be written to it.
@@ -141,11 +141,7 @@ where
         }
     };
     let end = tokio::select! {
-        r = done => match r {
-            Ok(()) => RelayEnd::Closed,
-            Err(e) if is_disconnect(&e) => RelayEnd::Closed,
-            Err(_) => RelayEnd::Error,
-        },
+        r = done => RelayEnd::of(r),
         () = idle => RelayEnd::IdleTimeout,
         () = shutdown.reached(Phase::Closing) => RelayEnd::Shutdown,
     };
