@@ -794,25 +794,25 @@ impl Config {
                 keys.push(key);
             }
         };
+        // Each named field of a section (`$ty` destructured in full: a new field must be
+        // listed) compared with the same field of the new one.
+        macro_rules! fields {
+            ($section:expr, $ty:ident, $old:expr, $new:expr, [$($field:ident),+ $(,)?]) => {{
+                let $ty { $($field: _),+ } = $old;
+                $(differ(
+                    format!("{}.{}", $section, stringify!($field)),
+                    $old.$field == $new.$field,
+                );)+
+            }};
+        }
         if listeners.len() == new.listeners.len() {
             for (i, (old, now)) in listeners.iter().zip(&new.listeners).enumerate() {
-                let ListenerConfig {
-                    name,
-                    protocol,
-                    address,
-                    tls,
-                    proxy_protocol,
-                } = old;
-                differ(format!("listeners[{i}].name"), *name == now.name);
-                differ(
-                    format!("listeners[{i}].protocol"),
-                    *protocol == now.protocol,
-                );
-                differ(format!("listeners[{i}].address"), *address == now.address);
-                differ(format!("listeners[{i}].tls"), *tls == now.tls);
-                differ(
-                    format!("listeners[{i}].proxy_protocol"),
-                    *proxy_protocol == now.proxy_protocol,
+                fields!(
+                    format!("listeners[{i}]"),
+                    ListenerConfig,
+                    old,
+                    now,
+                    [name, protocol, address, tls, proxy_protocol]
                 );
             }
         } else {
@@ -822,15 +822,6 @@ impl Config {
             "tls.self_signed_if_missing".into(),
             *self_signed_if_missing == new.tls.self_signed_if_missing,
         );
-        macro_rules! fields {
-            ($section:literal, $ty:ident, $old:expr, $new:expr, [$($field:ident),+ $(,)?]) => {{
-                let $ty { $($field: _),+ } = $old;
-                $(differ(
-                    concat!($section, ".", stringify!($field)).to_string(),
-                    $old.$field == $new.$field,
-                );)+
-            }};
-        }
         fields!(
             "routing",
             RoutingConfig,

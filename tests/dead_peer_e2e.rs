@@ -15,7 +15,7 @@ mod common;
 use std::time::Duration;
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
-use common::{run_cmd, run_python_args, Dovecot, DovecotOpts};
+use common::{field, run_cmd, run_python_args, seconds, Dovecot, DovecotOpts};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 /// Spliced (no folder rules) and IMAP-aware (`imap_folders`) demo accounts.
@@ -152,23 +152,6 @@ last = line(aware)
 print("backend_gone=%.1f read=%r" % (time.monotonic() - start, last))
 print("active_after=%d" % active())
 "#;
-
-/// The value after `key=` on the line of `out` that starts with `key=`.
-#[track_caller]
-fn field<'a>(out: &'a str, key: &str) -> &'a str {
-    let prefix = format!("{key}=");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {key}= in\n{out}"))
-}
-
-#[track_caller]
-fn seconds(out: &str, key: &str) -> f64 {
-    let value = field(out, key);
-    let secs = value.split_whitespace().next().unwrap_or_default();
-    secs.parse()
-        .unwrap_or_else(|_| panic!("{key}: mailgate did not let the session go in time:\n{out}"))
-}
 
 #[test]
 fn a_session_whose_client_or_backend_vanished_is_freed_within_the_keepalive_bound() {

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
-use common::{run_python_args, Dovecot, DovecotOpts, Postfix, PostfixOpts};
+use common::{field, run_python_args, seconds, Dovecot, DovecotOpts, Postfix, PostfixOpts};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(40);
@@ -168,22 +168,6 @@ impl Stack {
         );
         out.stdout
     }
-}
-
-/// The value after `key=` on the line of `out` that starts with `key=`.
-#[track_caller]
-fn field<'a>(out: &'a str, key: &str) -> &'a str {
-    let prefix = format!("{key}=");
-    out.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("no {key}= in:\n{out}"))
-}
-
-#[track_caller]
-fn seconds(out: &str, key: &str) -> f64 {
-    field(out, key)
-        .parse()
-        .unwrap_or_else(|e| panic!("{key}: {e}\n{out}"))
 }
 
 #[test]

@@ -86,6 +86,33 @@ pub fn wait_for_text(
     }
 }
 
+/// The value after `key=` on the line of `out` (a client script's output) that starts with
+/// `key=`.
+///
+/// # Panics
+/// When no line does.
+#[track_caller]
+pub fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    let prefix = format!("{key}=");
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no {key}= in:\n{out}"))
+}
+
+/// The number of seconds that [`field`] `key` starts with (`key=5.2 read=''`).
+///
+/// # Panics
+/// When there is no such field, or it does not start with a number (`never`).
+#[track_caller]
+pub fn seconds(out: &str, key: &str) -> f64 {
+    let value = field(out, key);
+    value
+        .split_whitespace()
+        .next()
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or_else(|| panic!("{key}: `{value}` is not a number of seconds:\n{out}"))
+}
+
 /// The first line of `text` that contains `needle` (empty when none does).
 pub fn line_with(text: &str, needle: &str) -> String {
     text.lines()
