@@ -766,10 +766,32 @@ impl Config {
 
     /// The settings a reload cannot put in place: those of `new` that differ from `self` (the
     /// config the process started with) in the listeners, `tls.self_signed_if_missing`,
-    /// routing, limits, shutdown, messages or metrics, each as `file:line: key: ...` in `new`'s
+    /// routing, `limits.tcp_keepalive` or metrics, each as `file:line: key: ...` in `new`'s
     /// file, in line order. The pools' settings are compared by the reload itself, which puts
     /// some of them in place; the account file and certificates always reload.
     pub fn restart_only_changes(&self, new: &Config) -> Vec<ConfigError> {
+        self.changes(new, false, "changed; it takes effect at a restart")
+    }
+
+    /// The settings a reload puts in place: those of `new` that differ from `self` (the
+    /// config in force until now) in limits (but `tcp_keepalive`), shutdown and messages, as
+    /// [`restart_only_changes`](Self::restart_only_changes) lists its own.
+    pub fn live_changes(&self, new: &Config) -> Vec<ConfigError> {
+        self.changes(new, true, "changed; in place now")
+    }
+
+    /// Whether a reload puts the setting `key` (as [`changes`](Self::changes) names it) in
+    /// place. Only what is read again at each connection, login, reply or shutdown is:
+    /// `tcp_keepalive` is set on the listening sockets and the pools' connections at start.
+    fn reloads_live(key: &str) -> bool {
+        key.starts_with("messages.")
+            || key.starts_with("shutdown.")
+            || (key.starts_with("limits.") && key != "limits.tcp_keepalive")
+    }
+
+    /// The settings of `new` that differ from `self`, outside the pools, the accounts and the
+    /// certificate files: those a reload puts in place (`live`) or those it does not.
+    fn changes(&self, new: &Config, live: bool, message: &str) -> Vec<ConfigError> {
         // Destructured in full, so a new setting cannot be left out of the comparison.
         let Config {
             listeners,
@@ -891,11 +913,12 @@ impl Config {
         );
         let mut changes: Vec<ConfigError> = keys
             .into_iter()
+            .filter(|key| Self::reloads_live(key) == live)
             .map(|key| ConfigError {
                 file: new.source.clone(),
                 line: new.key_lines.nearest_line(&key),
                 key,
-                message: "changed; it takes effect at a restart".into(),
+                message: message.into(),
             })
             .collect();
         changes.sort_by_key(|c| c.line);
@@ -2055,15 +2078,16 @@ pools:
     }
 
     #[test]
-    fn a_reload_names_each_changed_setting_that_waits_for_a_restart() {
+    fn a_reload_names_each_changed_setting_and_whether_it_waits_for_a_restart() {
         let load = |yaml: &str| {
             Config::from_yaml(yaml, Path::new("t.yaml")).unwrap_or_else(|e| panic!("{e:?}"))
         };
         let running = load(&plain("limits:\n  idle_timeout: 10m\n"));
-        let changes = |yaml: &str| -> Vec<String> {
-            let changes = running.restart_only_changes(&load(yaml));
+        let show = |changes: Vec<ConfigError>| -> Vec<String> {
             changes.iter().map(ToString::to_string).collect()
         };
+        let restart = |yaml: &str| show(running.restart_only_changes(&load(yaml)));
+        let live = |yaml: &str| show(running.live_changes(&load(yaml)));
         // The same settings, spelt differently or left at their defaults, are no change; nor is
         // what a reload puts in place or compares itself (the pools).
         let same = plain("limits:\n  idle_timeout: 30m\n")
@@ -2077,23 +2101,32 @@ pools:
             )
             .replace("127.0.0.1:1", "127.0.0.1:2")
             .replace("mode: passthrough", "mode: master, user: u, password: p");
-        assert_eq!(changes(&same), Vec::<String>::new());
+        assert_eq!(restart(&same), Vec::<String>::new());
+        assert_eq!(live(&same), Vec::<String>::new());
 
         let edited = plain(
-            "limits:\n  idle_timeout: 5m\n  max_connections: 10\n\
-             messages:\n  throttled: Wait\nmetrics:\n  address: \"127.0.0.1:9\"\n",
+            "limits:\n  idle_timeout: 5m\n  max_connections: 10\n  tcp_keepalive: 1m\n\
+             messages:\n  throttled: Wait\nshutdown:\n  drain_timeout: 1s\n\
+             metrics:\n  address: \"127.0.0.1:9\"\n",
         )
         .replace("127.0.0.1:0", "127.0.0.1:143")
         .replace("default_domain: EXAMPLE.com", "default_domain: example.net");
         assert_eq!(
-            changes(&edited),
+            restart(&edited),
             [
                 "t.yaml:2: listeners[0].address: changed; it takes effect at a restart",
                 "t.yaml:7: routing.default_domain: changed; it takes effect at a restart",
-                "t.yaml:15: limits.idle_timeout: changed; it takes effect at a restart",
-                "t.yaml:16: limits.max_connections: changed; it takes effect at a restart",
-                "t.yaml:18: messages.throttled: changed; it takes effect at a restart",
-                "t.yaml:20: metrics.address: changed; it takes effect at a restart",
+                "t.yaml:17: limits.tcp_keepalive: changed; it takes effect at a restart",
+                "t.yaml:23: metrics.address: changed; it takes effect at a restart",
+            ]
+        );
+        assert_eq!(
+            live(&edited),
+            [
+                "t.yaml:15: limits.idle_timeout: changed; in place now",
+                "t.yaml:16: limits.max_connections: changed; in place now",
+                "t.yaml:19: messages.throttled: changed; in place now",
+                "t.yaml:21: shutdown.drain_timeout: changed; in place now",
             ]
         );
 
@@ -2104,11 +2137,12 @@ pools:
             "tls: none }\n  - { name: u, protocol: imap, address: \"127.0.0.1:0\", tls: none }\n",
         );
         assert_eq!(
-            changes(&added),
-            [
-                "t.yaml: limits.idle_timeout: changed; it takes effect at a restart",
-                "t.yaml:1: listeners: changed; it takes effect at a restart",
-            ]
+            restart(&added),
+            ["t.yaml:1: listeners: changed; it takes effect at a restart"]
+        );
+        assert_eq!(
+            live(&added),
+            ["t.yaml: limits.idle_timeout: changed; in place now"]
         );
     }
 

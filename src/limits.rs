@@ -21,6 +21,9 @@
 //!
 //! Every map here is pruned: connection and session counts remove an entry at zero, and
 //! [`Limiter::prune`] (on a timer) drops failure state that has been forgiven.
+//!
+//! A reload ([`Limiter::apply`]) replaces the values checked against; the counts stay, so the
+//! connections and sessions open then count under the new caps.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -32,6 +35,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
@@ -173,6 +177,8 @@ struct FailureBudget<K: Hash + Eq + Clone, C: Clock> {
     /// over its quota without spending a cell, and the check before a login must not count as
     /// a failure; so a failure that leaves no budget puts its key here.
     spent: Mutex<HashMap<K, C::Instant>>,
+    /// As configured: a reload with the same rate keeps this budget.
+    rate: Rate,
     /// The budget: failures allowed in a burst.
     count: u32,
     /// How long until one failure is forgiven (`per / count`).
@@ -190,9 +196,19 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> FailureBudget<K, C> {
         FailureBudget {
             limiter: RateLimiter::new(quota, DefaultKeyedStateStore::default(), clock.clone()),
             spent: Mutex::new(HashMap::new()),
+            rate,
             count: count.get(),
             refill,
             clock,
+        }
+    }
+
+    /// This budget when it already counts at `rate`, else a fresh one that does.
+    fn at_rate(self: &Arc<Self>, rate: Rate, clock: &C) -> Arc<Self> {
+        if self.rate == rate {
+            Arc::clone(self)
+        } else {
+            Arc::new(FailureBudget::new(rate, clock.clone()))
         }
     }
 
@@ -250,17 +266,59 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> FailureBudget<K, C> {
     }
 }
 
-/// Every limit of `limits:` that needs state. Shared by all connections (`Context`).
-pub struct Limiter<C: Clock = DefaultClock> {
+/// The values of `limits:` that the counts and budgets are checked against: what a reload
+/// replaces ([`Limiter::apply`]).
+struct Rules<C: Clock> {
     max_connections: u32,
     max_connections_per_ip: u32,
     max_sessions_per_user_ip: u32,
     failure_delay: Duration,
     failure_max_delay: Duration,
     trusted: Vec<IpNet>,
+    /// Shared with the rules a reload puts in place when its rate is the same, so the failures
+    /// counted so far still count.
+    failures_ip: Arc<FailureBudget<IpAddr, C>>,
+    failures_user: Arc<FailureBudget<String, C>>,
+}
+
+impl<C: Clock> Rules<C> {
+    /// `limits`' values, checked with the given failure budgets (of `limits`' rates).
+    fn new(
+        limits: &Limits,
+        failures_ip: Arc<FailureBudget<IpAddr, C>>,
+        failures_user: Arc<FailureBudget<String, C>>,
+    ) -> Self {
+        Rules {
+            max_connections: limits.max_connections,
+            max_connections_per_ip: limits.max_connections_per_ip,
+            max_sessions_per_user_ip: limits.max_sessions_per_user_ip,
+            failure_delay: limits.auth_failure_delay.0,
+            failure_max_delay: limits.auth_failure_max_delay.0,
+            trusted: limits.trusted_networks.clone(),
+            failures_ip,
+            failures_user,
+        }
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(ip))
+    }
+
+    fn delay_after(&self, failures: u32) -> Duration {
+        self.failure_delay
+            .saturating_mul(failures.max(1))
+            .min(self.failure_max_delay)
+    }
+}
+
+/// Every limit of `limits:` that needs state. Shared by all connections (`Context`).
+///
+/// The counts live as long as the process; the rules they are checked against are replaced
+/// whole by a reload ([`Limiter::apply`]), between two checks.
+pub struct Limiter<C: Clock = DefaultClock> {
+    rules: ArcSwap<Rules<C>>,
     counts: Arc<Counts>,
-    failures_ip: FailureBudget<IpAddr, C>,
-    failures_user: FailureBudget<String, C>,
+    clock: C,
 }
 
 impl Limiter<DefaultClock> {
@@ -272,22 +330,37 @@ impl Limiter<DefaultClock> {
 impl<C: Clock + Clone> Limiter<C> {
     /// A limiter whose failure budgets run on `clock` (tests use governor's fake clock).
     pub fn with_clock(limits: &Limits, clock: C) -> Limiter<C> {
+        let rules = Rules::new(
+            limits,
+            Arc::new(FailureBudget::new(limits.failures_per_ip, clock.clone())),
+            Arc::new(FailureBudget::new(limits.failures_per_user, clock.clone())),
+        );
         Limiter {
-            max_connections: limits.max_connections,
-            max_connections_per_ip: limits.max_connections_per_ip,
-            max_sessions_per_user_ip: limits.max_sessions_per_user_ip,
-            failure_delay: limits.auth_failure_delay.0,
-            failure_max_delay: limits.auth_failure_max_delay.0,
-            trusted: limits.trusted_networks.clone(),
+            rules: ArcSwap::from_pointee(rules),
             counts: Arc::new(Counts::default()),
-            failures_ip: FailureBudget::new(limits.failures_per_ip, clock.clone()),
-            failures_user: FailureBudget::new(limits.failures_per_user, clock),
+            clock,
         }
+    }
+
+    /// Puts a reloaded `limits:` in place for the next check. The counts stay: connections and
+    /// sessions open now count under the new caps (none is closed for being over a lowered
+    /// one), and a trusted address's permits give back what they took. A failure budget whose
+    /// rate is the same keeps its failures; one whose rate changed starts afresh.
+    pub fn apply(&self, limits: &Limits) {
+        let running = self.rules.load();
+        let failures_ip = running
+            .failures_ip
+            .at_rate(limits.failures_per_ip, &self.clock);
+        let failures_user = running
+            .failures_user
+            .at_rate(limits.failures_per_user, &self.clock);
+        self.rules
+            .store(Arc::new(Rules::new(limits, failures_ip, failures_user)));
     }
 
     /// Whether `ip` is in `trusted_networks`.
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.trusted.iter().any(|net| net.contains(ip))
+        self.rules.load().is_trusted(ip)
     }
 
     /// Counts a new connection from `ip`, or says which cap it is over. Never waits.
@@ -295,22 +368,23 @@ impl<C: Clock + Clone> Limiter<C> {
     /// # Errors
     /// The cap the connection would exceed.
     pub fn admit(&self, ip: IpAddr) -> Result<ConnectionPermit, Rejection> {
+        let rules = self.rules.load();
         let before = self.counts.total.fetch_add(1, Ordering::AcqRel);
         // From here on, dropping the permit gives the place back.
         let mut permit = ConnectionPermit {
             counts: Arc::clone(&self.counts),
             ip: None,
         };
-        if before >= self.max_connections {
+        if before >= rules.max_connections {
             return Err(Rejection::MaxConnections);
         }
         let ip = ip.to_canonical();
-        if self.is_trusted(ip) {
+        if rules.is_trusted(ip) {
             return Ok(permit);
         }
         let mut per_ip = lock(&self.counts.per_ip);
         let n = per_ip.get(&ip).copied().unwrap_or(0);
-        if n >= self.max_connections_per_ip {
+        if n >= rules.max_connections_per_ip {
             return Err(Rejection::MaxConnectionsPerIp);
         }
         per_ip.insert(ip, n + 1);
@@ -326,8 +400,9 @@ impl<C: Clock + Clone> Limiter<C> {
         user: &str,
         ip: IpAddr,
     ) -> Option<SessionPermit> {
+        let rules = self.rules.load();
         let ip = ip.to_canonical();
-        if self.is_trusted(ip) {
+        if rules.is_trusted(ip) {
             return Some(SessionPermit {
                 counts: Arc::clone(&self.counts),
                 key: None,
@@ -336,7 +411,7 @@ impl<C: Clock + Clone> Limiter<C> {
         let key = self.counts.session_hasher.hash_one((protocol, user, ip));
         let mut sessions = lock(&self.counts.sessions);
         let n = sessions.get(&key).copied().unwrap_or(0);
-        if n >= self.max_sessions_per_user_ip {
+        if n >= rules.max_sessions_per_user_ip {
             return None;
         }
         sessions.insert(key, n + 1);
@@ -349,10 +424,11 @@ impl<C: Clock + Clone> Limiter<C> {
     /// What the failure budgets allow a login of `user` (the full, lowercase address) from
     /// `ip`, before any password work: two map lookups.
     pub fn gate(&self, ip: IpAddr, user: &str) -> Gate {
+        let rules = self.rules.load();
         let ip = ip.to_canonical();
-        if !self.is_trusted(ip) && self.failures_ip.is_spent(&ip) {
+        if !rules.is_trusted(ip) && rules.failures_ip.is_spent(&ip) {
             Gate::Throttled
-        } else if self.failures_user.is_spent(user) {
+        } else if rules.failures_user.is_spent(user) {
             Gate::CachedOnly
         } else {
             Gate::Open
@@ -363,35 +439,32 @@ impl<C: Clock + Clone> Limiter<C> {
     /// before the reply: `auth_failure_delay` times the address's recent failures, at most
     /// `auth_failure_max_delay` (flat `auth_failure_delay` for a trusted address).
     pub fn failed(&self, ip: IpAddr, user: &str) -> Duration {
-        self.failures_user.fail(user.to_string());
+        let rules = self.rules.load();
+        rules.failures_user.fail(user.to_string());
         let ip = ip.to_canonical();
-        if self.is_trusted(ip) {
-            return self.failure_delay;
+        if rules.is_trusted(ip) {
+            return rules.failure_delay;
         }
-        let recent = self.failures_ip.fail(ip);
-        self.delay_after(recent)
+        let recent = rules.failures_ip.fail(ip);
+        rules.delay_after(recent)
     }
 
     /// How long to wait before a `Throttled` reply: as after a failure with the budget spent.
     pub fn throttled_delay(&self, ip: IpAddr) -> Duration {
-        if self.is_trusted(ip) {
-            self.failure_delay
+        let rules = self.rules.load();
+        if rules.is_trusted(ip.to_canonical()) {
+            rules.failure_delay
         } else {
-            self.delay_after(self.failures_ip.count)
+            rules.delay_after(rules.failures_ip.count)
         }
-    }
-
-    fn delay_after(&self, failures: u32) -> Duration {
-        self.failure_delay
-            .saturating_mul(failures.max(1))
-            .min(self.failure_max_delay)
     }
 
     /// Drops forgiven failure state and gives back memory after a flood; run on a timer
     /// ([`PRUNE_INTERVAL`]).
     pub fn prune(&self) {
-        self.failures_ip.prune();
-        self.failures_user.prune();
+        let rules = self.rules.load();
+        rules.failures_ip.prune();
+        rules.failures_user.prune();
         shrink(&self.counts.per_ip);
         shrink(&self.counts.sessions);
     }
@@ -404,10 +477,11 @@ impl<C: Clock + Clone> Limiter<C> {
     /// Entries held: per-IP connection counts, session counts, failure state. For tests and
     /// debugging (memory stays bounded).
     pub fn entries(&self) -> usize {
+        let rules = self.rules.load();
         lock(&self.counts.per_ip).len()
             + lock(&self.counts.sessions).len()
-            + self.failures_ip.len()
-            + self.failures_user.len()
+            + rules.failures_ip.len()
+            + rules.failures_user.len()
     }
 }
 
@@ -415,8 +489,8 @@ impl<C: Clock> std::fmt::Debug for Limiter<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limiter")
             .field("connections", &self.counts.total.load(Ordering::Relaxed))
-            .field("max_connections", &self.max_connections)
-            .field("trusted", &self.trusted)
+            .field("max_connections", &self.rules.load().max_connections)
+            .field("trusted", &self.rules.load().trusted)
             .finish_non_exhaustive()
     }
 }
@@ -548,6 +622,109 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_puts_new_caps_in_place_and_the_open_connections_stay_counted() {
+        let (limiter, _) = limiter();
+        let a = limiter.admit(CLIENT).ok();
+        let b = limiter.admit(CLIENT).ok();
+        assert!(a.is_some() && b.is_some());
+        let session = limiter.open_session(Protocol::Imap, "a@example.com", CLIENT);
+        assert!(session.is_some());
+
+        // Lowered below what is open: nothing is closed, nothing more is let in.
+        limiter.apply(&Limits {
+            max_connections_per_ip: 1,
+            max_sessions_per_user_ip: 1,
+            ..limits()
+        });
+        assert_eq!(limiter.connections(), 2);
+        assert_eq!(
+            limiter.admit(CLIENT).err(),
+            Some(Rejection::MaxConnectionsPerIp)
+        );
+        assert!(limiter
+            .open_session(Protocol::Imap, "a@example.com", CLIENT)
+            .is_none());
+        drop(a);
+        assert_eq!(
+            limiter.admit(CLIENT).err(),
+            Some(Rejection::MaxConnectionsPerIp),
+            "one still open is the new cap"
+        );
+        drop(b);
+        let c = limiter.admit(CLIENT).ok();
+        assert!(c.is_some(), "under the new cap again");
+
+        // Raised: the next ones are let in at once.
+        limiter.apply(&Limits {
+            max_connections_per_ip: 3,
+            ..limits()
+        });
+        let more: Vec<_> = (0..3).filter_map(|_| limiter.admit(CLIENT).ok()).collect();
+        assert_eq!(more.len(), 2, "3 with the one open");
+        drop((c, more, session));
+        assert_eq!(limiter.entries(), 0, "every place given back");
+    }
+
+    #[test]
+    fn a_network_trusted_or_untrusted_by_a_reload_gives_back_what_it_took() {
+        let (limiter, _) = limiter();
+        let counted = limiter.admit(CLIENT).ok();
+        let exempt = limiter.admit(WEBMAIL).ok();
+        assert!(counted.is_some() && exempt.is_some());
+        // CLIENT's network becomes trusted and WEBMAIL's no longer is.
+        limiter.apply(&Limits {
+            trusted_networks: vec!["192.0.2.0/24"
+                .parse()
+                .unwrap_or_else(|e: String| panic!("{e}"))],
+            max_connections: 10,
+            ..limits()
+        });
+        assert!(limiter.is_trusted(CLIENT) && !limiter.is_trusted(WEBMAIL));
+        let trusted: Vec<_> = (0..3).filter_map(|_| limiter.admit(CLIENT).ok()).collect();
+        assert_eq!(trusted.len(), 3, "no per-IP cap for a trusted address");
+        assert_eq!(limiter.failed(CLIENT, "a@example.com").as_millis(), 200);
+        let webmail: Vec<_> = (0..3).filter_map(|_| limiter.admit(WEBMAIL).ok()).collect();
+        assert_eq!(
+            webmail.len(),
+            2,
+            "capped at 2 now; the one taken while trusted is not counted"
+        );
+        drop((counted, exempt, trusted, webmail));
+        assert_eq!(limiter.connections(), 0);
+        assert_eq!(
+            lock(&limiter.counts.per_ip).len(),
+            0,
+            "no count left behind"
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_the_failures_counted_at_the_same_rate_and_starts_afresh_at_another() {
+        let (limiter, _) = limiter();
+        for _ in 0..3 {
+            limiter.failed(CLIENT, "a@example.com");
+        }
+        assert_eq!(limiter.gate(CLIENT, "b@example.com"), Gate::Throttled);
+        // The same rate (other settings changed): the guesses so far still count.
+        limiter.apply(&Limits {
+            auth_failure_delay: HumanDuration(Duration::from_millis(100)),
+            ..limits()
+        });
+        assert_eq!(limiter.gate(CLIENT, "b@example.com"), Gate::Throttled);
+        assert_eq!(limiter.throttled_delay(CLIENT).as_millis(), 300);
+        // Another rate: a new budget, counted from nothing.
+        limiter.apply(&Limits {
+            failures_per_ip: Rate {
+                count: 4,
+                per: Duration::from_secs(60),
+            },
+            ..limits()
+        });
+        assert_eq!(limiter.gate(CLIENT, "b@example.com"), Gate::Open);
+        assert_eq!(limiter.failed(CLIENT, "a@example.com").as_millis(), 200);
+    }
+
+    #[test]
     fn the_failure_delay_grows_per_address_up_to_the_cap() {
         let (limiter, _) = limiter();
         let delays: Vec<_> = (0..3)
@@ -649,7 +826,7 @@ mod tests {
         // refill period later. Per-user failures (one every 12 minutes) take longer.
         clock.advance(Duration::from_secs(80));
         limiter.prune();
-        assert_eq!(limiter.failures_ip.len(), 0);
+        assert_eq!(limiter.rules.load().failures_ip.len(), 0);
         assert_eq!(limiter.gate(CLIENT, "a@example.com"), Gate::Open);
         clock.advance(Duration::from_secs(3600));
         limiter.prune();

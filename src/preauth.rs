@@ -78,7 +78,7 @@ pub trait Driver: Sync {
 /// the hand-over. `None` when the connection ended before a login (its log line left).
 pub async fn serve<D: Driver>(driver: &D, mut conn: Connection, tcp: TcpStream) -> Option<Spliced> {
     let mut log = SessionLog::new();
-    let deadline = Instant::now() + conn.context.config.limits.preauth_timeout.0;
+    let deadline = Instant::now() + conn.context.current().limits.preauth_timeout.0;
     let mode = |tls_active, starttls_offered, greet| Mode {
         tls_active,
         starttls_offered,

@@ -14,10 +14,18 @@
 //! health state and check; one that is new starts up and is probed at once; one that is gone
 //! stops being probed and chosen, its `mailgate_backend_up` series is dropped, and the sessions
 //! spliced to it go on until they end. A pool's master user and password (`password`, or
-//! `password_file` read again) are the next login's. Other settings (listeners, routing, new
-//! pools, a pool's `backend_tls`, login mode, `smtp_login` and health settings, limits,
-//! shutdown, messages, metrics) take effect at the next start, and each one changed against
-//! the config the process started with is named in a warning, at every reload until then.
+//! `password_file` read again) are the next login's.
+//!
+//! `limits` (but `tcp_keepalive`), `messages` and `shutdown` are in force for what comes next:
+//! a connection accepted, a login checked, a reply written, a shutdown begun. A session open
+//! already keeps the timeouts and the attempt budget it started with, and none is closed for
+//! being over a lowered cap: the caps count it and let no new one in until it is under them.
+//! A failure budget whose rate changed starts afresh. Each setting changed is named at info.
+//!
+//! Other settings (listeners, routing, `tls.self_signed_if_missing`, `limits.tcp_keepalive`,
+//! new pools, a pool's `backend_tls`, login mode, `smtp_login` and health settings, metrics)
+//! take effect at the next start, and each one changed against the config the process started
+//! with is named in a warning, at every reload until then.
 
 use std::path::Path;
 
@@ -167,9 +175,13 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
         tracing::info!(pool = %pool.name, "SIGHUP: pools.{}.login: the master user or password changed; the next login uses it", pool.name);
     }
     settle_backends(context, &changes);
-    for change in context.config.restart_only_changes(&config) {
+    for change in context.started.restart_only_changes(&config) {
         tracing::warn!("SIGHUP: {change}");
     }
+    for change in context.current().live_changes(&config) {
+        tracing::info!("SIGHUP: {change}");
+    }
+    context.put_in_force(config);
     report_certificates(&context.metrics, context.tls.as_ref(), &context.router);
     match context.router.resolver().reload() {
         Ok(names) => reloaded.dns_names = Some(names),

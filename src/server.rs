@@ -11,6 +11,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,7 +34,15 @@ use crate::workers::{self, Workers};
 
 /// What every connection shares.
 pub struct Context {
-    pub config: Config,
+    /// The config the process started with: listeners, routing, `tls`, `metrics` and
+    /// `limits.tcp_keepalive` are its for as long as it runs, and a reload names what differs
+    /// from it ([`Config::restart_only_changes`]).
+    pub started: Config,
+    /// The config of the last successful reload (the one it started with until then):
+    /// `limits` (but `tcp_keepalive`), `messages` and `shutdown` are read from it at each
+    /// connection, login, reply and shutdown ([`Context::current`]). Its other sections are
+    /// not in force: read them from `started`.
+    current: ArcSwap<Config>,
     pub router: Router,
     pub auth: Authenticator,
     /// `None` when no listener uses TLS.
@@ -65,6 +74,20 @@ pub fn report_certificates(metrics: &Metrics, tls: Option<&Tls>, router: &Router
 }
 
 impl Context {
+    /// The config in force: read `limits`, `messages` and `shutdown` from it (see
+    /// [`Context::current`'s field](Context)). Each call takes what the last reload put in
+    /// place; keep the result for as long as one connection's decision needs the same values.
+    pub fn current(&self) -> Arc<Config> {
+        self.current.load_full()
+    }
+
+    /// Puts a reloaded config in force for the next [`current`](Self::current), and its
+    /// limits in the limiter.
+    pub fn put_in_force(&self, config: Config) {
+        self.limiter.apply(&config.limits);
+        self.current.store(Arc::new(config));
+    }
+
     /// Counts one login attempt under the pool `login` routes to (`none` when it routes
     /// nowhere, or when there is no name to route: a `tls_required` refusal).
     pub fn count_login(&self, protocol: Protocol, login: Option<&str>, result: LoginResult) {
@@ -164,7 +187,8 @@ impl Server {
         let workers = Workers::start(worker_count).context("starting the worker threads")?;
         Ok(Server {
             context: Arc::new(Context {
-                config,
+                current: ArcSwap::from_pointee(config.clone()),
+                started: config,
                 router,
                 auth,
                 tls,
@@ -248,7 +272,7 @@ impl Server {
         self.readiness.set_listening(false);
         trigger.advance(Phase::Draining);
         tracker.close();
-        let drain = self.context.config.shutdown.drain_timeout.0;
+        let drain = self.context.current().shutdown.drain_timeout.0;
         tracing::info!(drain_timeout = ?drain, sessions = tracker.len(), "draining");
         tokio::select! {
             () = tracker.wait() => {}
@@ -415,14 +439,14 @@ async fn proxied(
     peer: SocketAddr,
 ) -> Option<(TcpStream, SocketAddr)> {
     let peer_ip = peer.ip().to_canonical();
-    let trusted = context
-        .config
+    let current = context.current();
+    let trusted = current
         .limits
         .trusted_proxies
         .iter()
         .any(|net| net.contains(peer_ip));
     let reason = if trusted {
-        let timeout = context.config.limits.handshake_timeout.0;
+        let timeout = current.limits.handshake_timeout.0;
         match tokio::time::timeout(timeout, crate::proxy_protocol::read_header(&mut stream)).await {
             Ok(Ok(client)) => return Some((stream, client.unwrap_or(peer))),
             Ok(Err(e)) => {
@@ -540,7 +564,7 @@ impl Connection {
             log.end = "tls_unconfigured";
             return None;
         };
-        let limit = self.context.config.limits.handshake_timeout.0;
+        let limit = self.context.current().limits.handshake_timeout.0;
         let handshake = crate::tls_stream::accept(tls.config.clone(), tcp, first);
         match tokio::time::timeout(limit, handshake).await {
             Ok(Ok(accepted)) => Some(accepted),
@@ -660,7 +684,7 @@ impl Spliced {
             aware,
         } = self;
         let protocol = conn.listener.config.protocol;
-        let idle = conn.context.config.limits.idle_timeout.0;
+        let idle = conn.context.current().limits.idle_timeout.0;
         let context = conn.context.clone();
         let meter = context.metrics.relay_meter(protocol);
         let (end, stats) = match aware {

@@ -10,7 +10,10 @@ mod common;
 use std::time::Duration;
 
 use common::mailgate::{Mailgate, MailgateOpts, Pool};
-use common::{field, run_python_args, seconds, Dovecot, DovecotOpts, Postfix, PostfixOpts};
+use common::{
+    field, keepalive_left, run_python_args, seconds, Dovecot, DovecotOpts, Postfix, PostfixOpts,
+    PY_KEEPALIVE_TIMERS,
+};
 
 const MASTER: (&str, &str) = ("proxy", "master-secret");
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(40);
@@ -498,36 +501,17 @@ fn client_and_backend_connections_carry_the_configured_tcp_keepalive() {
     let pid = stack.mailgate.pid().expect("pid");
     let dovecot = stack._dovecot.imap_addr().port();
     let out = stack.python(&format!(
-        r#"
-import re, subprocess
+        r#"{PY_KEEPALIVE_TIMERS}
 s, reply = imap_session("alice@skydesk.jp", "alice-pass")
 print("login=" + reply)
 time.sleep(0.5)  # the login reply acknowledged: no retransmission timer in the way
-ss = subprocess.run(["ss", "-tnpoH", "state", "established"], capture_output=True, text=True, timeout=10).stdout
-for l in ss.splitlines():
-    if "pid={pid}," not in l:
-        continue
-    local, peer = l.split()[2], l.split()[3]
-    side = "client" if local.endswith(":%d" % IMAPS) else "backend" if peer.endswith(":{dovecot}") else None
-    if side:
-        # ss writes the time left as `1min59sec`, `6sec`, `6.692ms` (6 s 692 ms) or `692ms`.
-        timer = re.search(r"timer:\((\w+),(?:(\d+)min)?(?:(\d+)(?:sec|\.))?(?:(\d+)ms)?", l)
-        if timer:
-            kind, minutes, secs, ms = timer.groups()
-            left = int(minutes or 0) * 60 + int(secs or 0) + int(ms or 0) / 1000
-            print("%s=%s %.1f" % (side, kind, left))
-        else:
-            print("%s=none %s" % (side, l))
+keepalive_timers({pid}, IMAPS, {dovecot})
 logout(s)
 "#
     ));
     assert!(field(&out, "login").starts_with("l1 OK"), "{out}");
     for side in ["client", "backend"] {
-        let timer = field(&out, side);
-        let secs: f64 = timer
-            .strip_prefix("keepalive ")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("{side}: no keepalive timer: {out}"));
+        let secs = keepalive_left(&out, side);
         assert!(
             secs > 0.0 && secs <= 7.0,
             "{side}: the timer is the kernel's default, not limits.tcp_keepalive: {out}"

@@ -6,8 +6,10 @@
 //! what happened. A pool's backend list changed in the config is in place after a reload: new
 //! logins go to the new backend, a session spliced to the removed one goes on, and the
 //! `mailgate_backend_up` series follow the list. A rotated master password file is read at
-//! the reload, and the next login uses it. A changed limit, which waits for a restart, is named
-//! with file and line at each reload until then, and the running one stays in force.
+//! the reload, and the next login uses it. A lowered connection cap and a reworded reply are in
+//! force for the next connection and refusal, while the sessions open under the old cap go on.
+//! A changed setting that waits for a restart (`tcp_keepalive`) is named with file and line at
+//! each reload until then, and the running one stays in force.
 
 mod common;
 
@@ -448,71 +450,200 @@ for m in sessions:
     m.logout()
 "#;
 
+/// The line of the config file `path` on which `key` (its last part, e.g. `idle_timeout`)
+/// is set.
+fn line_of(path: &Path, key: &str) -> usize {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{e}"));
+    text.lines()
+        .position(|l| l.trim_start().starts_with(&format!("{key}:")))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+}
+
+/// What a reload logs for the setting `section.key` of `mailgate`'s config file: `outcome`
+/// is `in place now` or `it takes effect at a restart`.
+fn reload_line(mailgate: &Mailgate, section: &str, key: &str, outcome: &str) -> String {
+    let config = mailgate.dir().join("mailgate.yaml");
+    format!(
+        "SIGHUP: {}:{}: {section}.{key}: changed; {outcome}",
+        config.display(),
+        line_of(&config, key)
+    )
+}
+
+/// Opens `sys.argv[2]` IMAP sessions on port `sys.argv[1]`, logged in as alice, and prints
+/// `open=N`; after a line on standard input (the test has reloaded): a fourth connection from
+/// the same address, `NOOP` on each open session, a wrong password from 127.0.0.2, and the
+/// logouts.
+const SESSIONS_ACROSS_A_RELOAD: &str = r#"
+import imaplib, socket, ssl, sys
+CTX = ssl.create_default_context()
+CTX.check_hostname = False
+CTX.verify_mode = ssl.CERT_NONE
+PORT = int(sys.argv[1])
+
+class From(imaplib.IMAP4_SSL):
+    """An IMAP client connecting from the loopback address `source`."""
+    def __init__(self, source):
+        self.source = source
+        super().__init__("127.0.0.1", PORT, ssl_context=CTX, timeout=20)
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+sessions = []
+for _ in range(int(sys.argv[2])):
+    m = From("127.0.0.1")
+    m.login("alice@skydesk.jp", "alice-pass")
+    sessions.append(m)
+print("open=%d" % len(sessions), flush=True)
+sys.stdin.readline()
+try:
+    From("127.0.0.1").logout()
+    print("fourth=let in")
+except (OSError, imaplib.IMAP4.abort) as e:
+    print("fourth=refused %s" % type(e).__name__)
+print("noops=" + " ".join(m.noop()[0] for m in sessions))
+m = From("127.0.0.2")
+try:
+    m.login("alice@skydesk.jp", "wrong")
+    print("wrong=OK")
+except imaplib.IMAP4.error as e:
+    text = e.args[0]
+    print("wrong=NO " + (text.decode() if isinstance(text, bytes) else text))
+m.logout()
+for m in sessions:
+    m.logout()
+print("done=yes", flush=True)
+"#;
+
+#[test]
+fn sighup_puts_new_limits_and_messages_in_place_and_open_sessions_go_on() {
+    let dovecot = backend_with(1);
+    let pool = Pool::master(&[dovecot.imap_addr()], &[], MASTER.0, MASTER.1);
+    let opts = MailgateOpts::new(pool.clone(), pool).limit("auth_failure_delay: 100ms");
+    let mailgate = Mailgate::start(&opts);
+    let port = mailgate.port("imaps").to_string();
+    let mut client =
+        common::Interactive::spawn("python3", &["-c", SESSIONS_ACROSS_A_RELOAD, &port, "3"]);
+    client
+        .expect("open=3", CLIENT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n--- mailgate ---\n{}", mailgate.log()));
+
+    // During an incident the operator lowers the per-address cap below what is open, and
+    // words the wrong-password reply differently, and reloads.
+    let text = "Wrong password; see https://help.example/login";
+    let edited = opts
+        .clone()
+        .limit("max_connections_per_ip: 2")
+        .message(&format!("invalid_credentials: \"{text}\""));
+    mailgate.rewrite_config(&edited);
+    mailgate.signal("HUP");
+    wait_for_reloads(&mailgate, 1);
+    let log = mailgate.log();
+    for (section, key) in [
+        ("limits", "max_connections_per_ip"),
+        ("messages", "invalid_credentials"),
+    ] {
+        let line = reload_line(&mailgate, section, key, "in place now");
+        assert_eq!(count(&log, &line), 1, "{line}:\n{log}");
+    }
+    assert_eq!(count(&log, "takes effect at a restart"), 0, "{log}");
+
+    client.send("reloaded\n").unwrap_or_else(|e| panic!("{e}"));
+    let out = client
+        .expect("done=yes", CLIENT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n--- mailgate ---\n{}", mailgate.log()));
+    // The new cap turns away the fourth connection; the three open under the old one go on.
+    assert!(
+        common::field(&out, "fourth").starts_with("refused"),
+        "{out}"
+    );
+    assert_eq!(
+        mailgate.metric(
+            "mailgate_connections_rejected_total{listener=\"imaps\",reason=\"max_connections_per_ip\"}"
+        ),
+        1
+    );
+    assert_eq!(common::field(&out, "noops"), "OK OK OK", "{out}");
+    // The next refusal is worded as the reloaded file says.
+    assert_eq!(
+        common::field(&out, "wrong"),
+        format!("NO [AUTHENTICATIONFAILED] {text}"),
+        "{out}"
+    );
+
+    // The file put back: the cap is 50 again, and the three connections are let in.
+    mailgate.rewrite_config(&opts);
+    mailgate.signal("HUP");
+    wait_for_reloads(&mailgate, 2);
+    assert_eq!(count(&mailgate.log(), "changed; in place now"), 4);
+    let out = run_python_args(GREETINGS, &[&port, "3"], CLIENT_TIMEOUT);
+    assert_eq!(count(&out.stdout, "greeting: * OK"), 3, "{out}");
+    assert_eq!(reloads(&mailgate, "ok"), 2);
+}
+
 #[test]
 fn sighup_names_each_setting_that_waits_for_a_restart_and_keeps_the_running_one() {
     let dovecot = backend_with(1);
     let pool = Pool::master(&[dovecot.imap_addr()], &[], MASTER.0, MASTER.1);
     let opts = MailgateOpts::new(pool.clone(), pool);
     let mailgate = Mailgate::start(&opts);
-    let port = mailgate.port("imaps").to_string();
-    let greetings = || {
-        let out = run_python_args(GREETINGS, &[&port, "3"], CLIENT_TIMEOUT);
-        assert!(out.success(), "{out}\n--- mailgate ---\n{}", mailgate.log());
-        out.stdout
-    };
+    let pid = mailgate.pid().expect("pid");
+    let port = mailgate.port("imaps");
 
-    // The operator lowers the per-address cap and the idle timeout and reloads.
+    // The operator shortens the keepalive (set on the listening sockets at start) and the
+    // idle timeout (read at each connection), and reloads.
     let edited = opts
         .clone()
-        .limit("max_connections_per_ip: 1")
+        .limit("tcp_keepalive: 3s")
         .limit("idle_timeout: 5m");
     mailgate.rewrite_config(&edited);
     mailgate.signal("HUP");
     wait_for_reloads(&mailgate, 1);
-    let config = mailgate.dir().join("mailgate.yaml");
-    let text = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
-    let line_of = |key: &str| {
-        text.lines()
-            .position(|l| l.trim_start().starts_with(key))
-            .map(|i| i + 1)
-            .unwrap_or_else(|| panic!("no {key} in\n{text}"))
-    };
-    let waits = |key: &str| {
-        format!(
-            "SIGHUP: {}:{}: limits.{key}: changed; it takes effect at a restart",
-            config.display(),
-            line_of(key)
-        )
-    };
+    let waits = reload_line(
+        &mailgate,
+        "limits",
+        "tcp_keepalive",
+        "it takes effect at a restart",
+    );
     let log = mailgate.log();
-    for key in ["max_connections_per_ip", "idle_timeout"] {
-        assert_eq!(count(&log, &waits(key)), 1, "{key}:\n{log}");
-    }
-    assert_eq!(count(&log, "takes effect at a restart"), 2, "{log}");
-    // What the warning says is so: the running cap is still the one it started with.
-    let out = greetings();
-    assert_eq!(
-        count(&out, "greeting: * OK"),
-        3,
-        "{out}\n{}",
-        mailgate.log()
+    assert_eq!(count(&log, &waits), 1, "{waits}:\n{log}");
+    assert_eq!(count(&log, "takes effect at a restart"), 1, "{log}");
+    let live = reload_line(&mailgate, "limits", "idle_timeout", "in place now");
+    assert_eq!(count(&log, &live), 1, "{live}:\n{log}");
+
+    // What the warning says is so: a connection accepted after the reload still has the
+    // keepalive the process started with (2m), not 3s.
+    let script = format!(
+        r#"{}
+import imaplib, ssl, time
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+m = imaplib.IMAP4_SSL("127.0.0.1", {port}, ssl_context=ctx, timeout=20)
+m.login("alice@skydesk.jp", "alice-pass")
+time.sleep(0.5)  # the login reply acknowledged: no retransmission timer in the way
+keepalive_timers({pid}, {port}, {backend})
+m.logout()
+"#,
+        common::PY_KEEPALIVE_TIMERS,
+        backend = dovecot.imap_addr().port(),
     );
-    assert_eq!(
-        mailgate.metric(
-            "mailgate_connections_rejected_total{listener=\"imaps\",reason=\"max_connections_per_ip\"}"
-        ),
-        0
-    );
+    let out = run_python_args(&script, &[], CLIENT_TIMEOUT);
+    assert!(out.success(), "{out}\n--- mailgate ---\n{}", mailgate.log());
+    let left = common::keepalive_left(&out.stdout, "client");
+    assert!(left > 3.0, "the reloaded 3s is in force: {out}");
 
     // Until a restart the change is still waiting, and each reload says so again; the file put
     // back as it was waits for nothing.
     mailgate.signal("HUP");
     wait_for_reloads(&mailgate, 2);
-    assert_eq!(count(&mailgate.log(), &waits("idle_timeout")), 2);
+    assert_eq!(count(&mailgate.log(), &waits), 2);
     mailgate.rewrite_config(&opts);
     mailgate.signal("HUP");
     wait_for_reloads(&mailgate, 3);
     let log = mailgate.log();
-    assert_eq!(count(&log, "takes effect at a restart"), 4, "{log}");
+    assert_eq!(count(&log, "takes effect at a restart"), 2, "{log}");
     assert_eq!(reloads(&mailgate, "ok"), 3);
 }

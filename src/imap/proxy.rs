@@ -68,7 +68,7 @@ impl Driver for Imap {
         };
         let mut step = session.input(&[]);
         let mut attempts = 0u32;
-        let max_attempts = conn.context.config.limits.max_auth_attempts;
+        let max_attempts = conn.context.current().limits.max_auth_attempts;
         let mut buf = vec![0u8; 4096];
         loop {
             pending.append(&mut step.write);
@@ -125,7 +125,7 @@ impl Driver for Imap {
                             pending = reply::refused(
                                 &credentials.tag,
                                 result,
-                                &conn.context.config.messages,
+                                &conn.context.current().messages,
                             );
                             if attempts >= max_attempts {
                                 pending.extend_from_slice(b"* BYE Too many failed logins\r\n");

@@ -75,7 +75,7 @@ impl Driver for Smtp {
         }
         let mut step = session.input(&[]);
         let mut attempts = 0u32;
-        let max_attempts = context.config.limits.max_auth_attempts;
+        let max_attempts = context.current().limits.max_auth_attempts;
         loop {
             if !step.write.is_empty() && write(&mut stream, &step.write).await.is_err() {
                 log.end = "client_gone";
@@ -112,7 +112,7 @@ impl Driver for Smtp {
                             let name = Some(credentials.username.as_str());
                             conn.record_login(log, name, LoginResult::Ok);
                             log.backend = Some(address);
-                            let reply = login_reply(LoginResult::Ok, &context.config.messages);
+                            let reply = login_reply(LoginResult::Ok, &context.current().messages);
                             return PreauthEnd::LoggedIn(Box::new(LoggedIn {
                                 client: stream.into(),
                                 grant,
@@ -125,7 +125,7 @@ impl Driver for Smtp {
                         Err(result) => {
                             let name = Some(credentials.username.as_str());
                             conn.record_login(log, name, result);
-                            let refusal = login_reply(result, &context.config.messages);
+                            let refusal = login_reply(result, &context.current().messages);
                             let last = result == LoginResult::TooManyConnections
                                 || attempts >= max_attempts;
                             if last {

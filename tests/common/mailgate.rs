@@ -113,6 +113,8 @@ pub struct MailgateOpts {
     pub accounts: PathBuf,
     /// YAML lines under `limits:` (indented by the helper).
     pub limits: Vec<String>,
+    /// YAML lines under `messages:` (indented by the helper).
+    pub messages: Vec<String>,
     pub drain_timeout: String,
     pub smtp_login: String,
     /// Every pool's `health:` value (a YAML flow mapping).
@@ -131,6 +133,7 @@ impl MailgateOpts {
             imappro,
             accounts: PathBuf::from(DEMO_ACCOUNTS),
             limits: vec!["preauth_timeout: 30s".into()],
+            messages: vec!["help_url: https://help.example/app-passwords".into()],
             drain_timeout: "30s".into(),
             smtp_login: "xclient".into(),
             health: "{ interval: 5s, timeout: 2s, fall: 2, rise: 2 }".into(),
@@ -152,9 +155,13 @@ impl MailgateOpts {
 
     /// Sets one `limits:` key (`"idle_timeout: 5s"`), replacing an earlier value of that key.
     pub fn limit(mut self, line: &str) -> Self {
-        let key = line.split(':').next().unwrap_or_default();
-        self.limits.retain(|l| l.split(':').next() != Some(key));
-        self.limits.push(line.into());
+        set_key(&mut self.limits, line);
+        self
+    }
+
+    /// Sets one `messages:` key (`"throttled: Wait"`), replacing an earlier value of that key.
+    pub fn message(mut self, line: &str) -> Self {
+        set_key(&mut self.messages, line);
         self
     }
 
@@ -162,6 +169,13 @@ impl MailgateOpts {
         self.drain_timeout = value.into();
         self
     }
+}
+
+/// Puts the YAML line `key: value` in `lines`, in place of an earlier line of that key.
+fn set_key(lines: &mut Vec<String>, line: &str) {
+    let key = line.split(':').next().unwrap_or_default();
+    lines.retain(|l| l.split(':').next() != Some(key));
+    lines.push(line.into());
 }
 
 /// A running mailgate. Dropping it kills the process.
@@ -352,10 +366,10 @@ impl Mailgate {
             let _ = writeln!(out, "  {line}");
         }
         let _ = writeln!(out, "shutdown:\n  drain_timeout: {}", opts.drain_timeout);
-        let _ = writeln!(
-            out,
-            "messages:\n  help_url: https://help.example/app-passwords"
-        );
+        let _ = writeln!(out, "messages:");
+        for line in &opts.messages {
+            let _ = writeln!(out, "  {line}");
+        }
         let _ = writeln!(out, "metrics:\n  address: \"127.0.0.1:0\"");
         out
     }

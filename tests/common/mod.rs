@@ -113,6 +113,43 @@ pub fn seconds(out: &str, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key}: `{value}` is not a number of seconds:\n{out}"))
 }
 
+/// A Python function for client scripts: `keepalive_timers(pid, client_port, backend_port)`
+/// prints `client=KIND SECONDS` and `backend=KIND SECONDS` for process `pid`'s established
+/// connections whose local port is `client_port` (a client's leg) or whose peer port is
+/// `backend_port` (a backend's), from `ss`: the kind of the socket's timer (`keepalive` when
+/// only the keepalive clock runs) and the seconds left on it; `SIDE=none LINE` when it has none.
+pub const PY_KEEPALIVE_TIMERS: &str = r#"
+import re, subprocess
+def keepalive_timers(pid, client_port, backend_port):
+    ss = subprocess.run(["ss", "-tnpoH", "state", "established"], capture_output=True, text=True, timeout=10).stdout
+    for l in ss.splitlines():
+        if "pid=%d," % pid not in l:
+            continue
+        local, peer = l.split()[2], l.split()[3]
+        side = "client" if local.endswith(":%d" % client_port) else "backend" if peer.endswith(":%d" % backend_port) else None
+        if side:
+            # ss writes the time left as `1min59sec`, `6sec`, `6.692ms` (6 s 692 ms) or `692ms`.
+            timer = re.search(r"timer:\((\w+),(?:(\d+)min)?(?:(\d+)(?:sec|\.))?(?:(\d+)ms)?", l)
+            if timer:
+                kind, minutes, secs, ms = timer.groups()
+                left = int(minutes or 0) * 60 + int(secs or 0) + int(ms or 0) / 1000
+                print("%s=%s %.1f" % (side, kind, left))
+            else:
+                print("%s=none %s" % (side, l))
+"#;
+
+/// The seconds left on the `keepalive` timer that [`PY_KEEPALIVE_TIMERS`] printed for `side`.
+///
+/// # Panics
+/// When it printed none for `side`, or another kind of timer.
+#[track_caller]
+pub fn keepalive_left(out: &str, side: &str) -> f64 {
+    field(out, side)
+        .strip_prefix("keepalive ")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{side}: no keepalive timer: {out}"))
+}
+
 /// The first line of `text` that contains `needle` (empty when none does).
 pub fn line_with(text: &str, needle: &str) -> String {
     text.lines()
