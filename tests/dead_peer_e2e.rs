@@ -68,8 +68,8 @@ fn in_private_network(test: &str) -> bool {
 /// Logs in as `SPLICED` and `AWARE` and IDLEs in both. Then the spliced client's connection to
 /// mailgate goes dead (its packets dropped both ways): prints `client_gone=` the seconds until
 /// mailgate's `/metrics` shows one session fewer. Then the aware session's backend connection
-/// goes dead: prints `backend_gone=` the seconds until the client's connection is closed, and
-/// what it last read.
+/// goes dead: prints `backend_gone=` the seconds until the client reads a line or its
+/// connection is closed, and what it read.
 const CLIENT: &str = r#"
 import re, socket, ssl, subprocess, sys, time, urllib.request
 imaps, metrics, pid, dovecot, give_up = sys.argv[1:6]
@@ -196,6 +196,13 @@ fn a_session_whose_client_or_backend_vanished_is_freed_within_the_keepalive_boun
     assert_eq!(field(&out.stdout, "backend_connections"), "1", "{out}");
     let backend = seconds(&out.stdout, "backend_gone");
     assert!(backend <= 7.0, "backend: {backend} s\n{out}\n{log}");
+    // The aware relay is between responses (in IDLE): the client is told why.
+    assert!(
+        field(&out.stdout, "backend_gone").ends_with(
+            "read='* BYE [UNAVAILABLE] Lost the connection to the mail server, try again'"
+        ),
+        "{out}"
+    );
     let aware = session(AWARE.0);
     assert!(aware.contains("end=peer_timeout"), "{aware}");
     assert_eq!(field(&out.stdout, "active_after"), "0", "{out}\n{log}");

@@ -508,6 +508,8 @@ print("active after:", active(), "in", round(time.time() - start, 1), "s")
             after.starts_with("* BYE") && after.contains("z OK"),
             "{out}"
         );
+        // Dovecot said its own goodbye: mailgate adds none.
+        assert!(!after.contains("Lost the connection"), "{out}");
         assert_eq!(line(&out, &format!("{user} counted at its close")), "True");
     }
     let after = line(&out, "active after");
@@ -529,4 +531,44 @@ print("active after:", active(), "in", round(time.time() - start, 1), "s")
             "no closed session line for {user}:\n{log}"
         );
     }
+}
+
+#[test]
+fn a_client_whose_mail_store_process_died_is_told_so_with_a_bye() {
+    // grace's session is the aware relay, dave's the splice; the Dovecot `imap` process
+    // serving each is killed (as by an OOM kill or a crash), found with ss by its socket.
+    let setup = Setup::start();
+    let out = setup.python(
+        r#"
+import os, re, signal, subprocess, time
+def mail_store_pids():
+    ss = subprocess.run(["ss", "-tnpH", "state", "established", "( sport = :%d )" % DOVECOT],
+                        capture_output=True, text=True, timeout=10).stdout
+    return {int(p) for p in re.findall(r'"imap",pid=(\d+)', ss)}
+for user in ["grace@example.com", "dave@example.com"]:
+    before = mail_store_pids()
+    m = mg(user)
+    m.select("INBOX")
+    time.sleep(0.3)
+    serving = mail_store_pids() - before
+    print(user, "processes:", len(serving))
+    for pid in serving:
+        os.kill(pid, signal.SIGKILL)
+    m.sock.settimeout(20)
+    print(user, "read:", repr(m.file.read().decode()))
+"#,
+    );
+    assert_eq!(line(&out, "grace@example.com processes"), "1", "{out}");
+    assert_eq!(
+        line(&out, "grace@example.com read"),
+        "'* BYE [UNAVAILABLE] Lost the connection to the mail server, try again\\r\\n'",
+        "{out}\n{}",
+        setup.mailgate.log()
+    );
+    // The splice cannot know where a response ends: its client sees the close alone.
+    assert_eq!(line(&out, "dave@example.com processes"), "1", "{out}");
+    assert_eq!(line(&out, "dave@example.com read"), "''", "{out}");
+    let log = setup.mailgate.log();
+    let grace = common::line_with(&log, "user=grace@example.com");
+    assert!(grace.contains("end=closed"), "{grace}");
 }

@@ -206,7 +206,14 @@ pub struct Aware {
     client_queue: Vec<u8>,
     /// mailgate's own commands, waiting for a command boundary.
     backend_queue: Vec<u8>,
+    /// The backend sent `* BYE`: its close that follows is its own goodbye.
+    said_bye: bool,
 }
+
+/// The client's last line when its backend connection ends without the backend's own `BYE`
+/// (the mail store's process died, its host went away, the kernel gave up on it).
+pub const BYE_BACKEND_GONE: &[u8] =
+    b"* BYE [UNAVAILABLE] Lost the connection to the mail server, try again\r\n";
 
 impl Aware {
     /// A filter for `rules`, given the backend's post-login capability text (the tagged
@@ -233,6 +240,7 @@ impl Aware {
             to_backend: Vec::new(),
             client_queue: Vec::new(),
             backend_queue: Vec::new(),
+            said_bye: false,
         }
     }
 
@@ -280,6 +288,22 @@ impl Aware {
     /// Whether bytes wait for the backend.
     pub fn has_for_backend(&self) -> bool {
         !self.to_backend.is_empty()
+    }
+
+    /// The backend's stream ended (closed, reset or timed out) while the client is there.
+    /// Unless the backend said `* BYE` itself, the client is told with [`BYE_BACKEND_GONE`],
+    /// after mailgate's own lines still queued for it, when that can be said between two
+    /// responses: nothing of the one being read has reached the client (it was held or
+    /// dropped). A response streamed in part cannot be ended, and gets nothing.
+    pub fn backend_gone(&mut self) {
+        let mid_response = matches!(self.down, Down::PassLine | Down::PassLiteral { .. });
+        if self.said_bye || mid_response {
+            return;
+        }
+        self.down_buf.clear();
+        self.to_client.append(&mut self.client_queue);
+        self.to_client.extend_from_slice(BYE_BACKEND_GONE);
+        self.said_bye = true;
     }
 
     /// Bytes waiting for the client, mailgate's own queued lines included (back-pressure).
@@ -613,6 +637,11 @@ impl Aware {
         self.down_buf.extend_from_slice(chunk);
         if !complete && self.down_buf.len() < HEAD {
             return rest;
+        }
+        if starts_ci(&self.down_buf, b"* BYE")
+            && matches!(self.down_buf.get(5), Some(b' ' | b'\r' | b'\n'))
+        {
+            self.said_bye = true;
         }
         // A tagged reply ends its command: an IDLE, or a command whose continuations the
         // backend owed (it may refuse instead of sending them).
@@ -1339,6 +1368,75 @@ mod tests {
 
     fn filter() -> Aware {
         Aware::new(rules(&["INBOX", "Sent", "Work", "Пример"], true), CAPS)
+    }
+
+    /// What the client is sent when the backend's stream ends after `backend` sent `sent`.
+    fn gone_after(sent: &[u8]) -> Vec<u8> {
+        let mut f = filter();
+        f.backend_bytes(sent);
+        f.take_for_client();
+        f.backend_gone();
+        f.take_for_client()
+    }
+
+    #[test]
+    fn a_backend_gone_between_responses_is_explained_with_a_bye() {
+        // Between two responses, and while a response is held or dropped (none of it shown).
+        for sent in [
+            &b""[..],
+            b"* 3 EXISTS\r\n",
+            b"* 3 EXI",
+            b"* LIST () \".\" Wo",
+            b"* LIST () \".\" {7}\r\nPri",
+            b"* LIST () \".\" Private\r\n",
+        ] {
+            assert_eq!(
+                gone_after(sent),
+                BYE_BACKEND_GONE,
+                "after {:?}",
+                String::from_utf8_lossy(sent)
+            );
+        }
+        // mailgate's refusal, queued mid-literal, waits behind the next response's head.
+        let mut f = filter();
+        f.backend_bytes(b"* 1 FETCH (BODY[] {10}\r\n01234");
+        f.client_bytes(b"a1 SELECT Private\r\n");
+        f.backend_bytes(b"56789)\r\n* 3 EXI");
+        let mut seen = f.take_for_client();
+        assert!(seen.ends_with(b"0123456789)\r\n"), "{seen:?}");
+        f.backend_gone();
+        seen.extend(f.take_for_client());
+        assert!(
+            seen.ends_with(b")\r\na1 NO [NONEXISTENT] No such folder\r\n* BYE [UNAVAILABLE] Lost the connection to the mail server, try again\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        // Said once only.
+        let mut f = filter();
+        f.backend_gone();
+        f.backend_gone();
+        assert_eq!(f.take_for_client(), BYE_BACKEND_GONE);
+    }
+
+    #[test]
+    fn a_backend_gone_after_its_own_bye_or_mid_response_gets_nothing_added() {
+        let long = [&b"* 1 FETCH (FLAGS ("[..], &[b'x'; HEAD]].concat();
+        for sent in [
+            &b"* BYE Server shutting down\r\n"[..],
+            b"* BYE\r\n",
+            b"* BYE Logging out\r\nz OK Logout completed.\r\n",
+            b"* bye Disconnected for inactivity.\r\n",
+            // A line and a literal streamed in part: nothing can end them.
+            &long,
+            b"* 1 FETCH (BODY[] {10}\r\n01234",
+        ] {
+            assert_eq!(
+                gone_after(sent),
+                b"",
+                "after {:?}",
+                String::from_utf8_lossy(sent)
+            );
+        }
     }
 
     /// Feeds `input` to the client side split at every position; the outputs must not depend

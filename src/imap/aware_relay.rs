@@ -9,7 +9,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -55,6 +55,8 @@ where
         last_ms.store(ms, Ordering::Relaxed);
     };
     let last = || start + Duration::from_millis(last_ms.load(Ordering::Relaxed));
+    // The client closed its side: a backend that closes after it needs no explaining.
+    let client_done = AtomicBool::new(false);
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
@@ -72,6 +74,7 @@ where
                 r = read_pooled(&mut client_rd), if !full => {
                     let (buf, n) = r?;
                     if n == 0 {
+                        client_done.store(true, Ordering::Relaxed);
                         backend_wr.shutdown().await?;
                         return Ok::<(), io::Error>(());
                     }
@@ -99,13 +102,31 @@ where
             }
             tokio::select! {
                 r = read_pooled(&mut backend_rd) => {
-                    let (buf, n) = r?;
-                    if n == 0 {
-                        let out = lock(&filter).take_for_client();
-                        client_wr.write_all(&out).await?;
-                        client_wr.shutdown().await?;
-                        return Ok::<(), io::Error>(());
-                    }
+                    let (buf, n) = match r {
+                        Ok((_, 0)) | Err(_) => {
+                            // The backend is gone: the client hears why, unless it left first.
+                            let out = {
+                                let mut f = lock(&filter);
+                                if !client_done.load(Ordering::Relaxed) {
+                                    f.backend_gone();
+                                }
+                                f.take_for_client()
+                            };
+                            let told = async {
+                                client_wr.write_all(&out).await?;
+                                client_wr.shutdown().await
+                            };
+                            // How the backend's side ended is how the session did.
+                            return match r {
+                                Ok(_) => told.await,
+                                Err(e) => {
+                                    let _ = told.await;
+                                    Err(e)
+                                }
+                            };
+                        }
+                        Ok(read) => read,
+                    };
                     touch();
                     down_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     meter.backend_to_client(n as u64);
@@ -312,6 +333,34 @@ mod tests {
         assert_eq!(end, RelayEnd::Closed);
         assert_eq!(stats.client_to_backend, 33 + 34);
         assert_eq!(stats.backend_to_client, 56 + 14 + 27);
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_closes_without_its_bye_leaves_the_client_one() {
+        let (mut client_side, mut client) = tokio::io::duplex(1024);
+        let (mut backend, mut backend_side) = tokio::io::duplex(1024);
+        let (_trigger, mut shutdown) = crate::shutdown::channel();
+        let relay =
+            tokio::spawn(
+                async move { filtered(&mut client, &mut backend, b"", &mut shutdown).await },
+            );
+        client_side.write_all(b"a1 NOOP\r\n").await.expect("write");
+        read_until(&mut backend_side, b"\r\n").await;
+        backend_side
+            .write_all(b"* 2 EXISTS\r\n")
+            .await
+            .expect("write");
+        // The mail store's process dies before its tagged reply.
+        drop(backend_side);
+        let mut seen = Vec::new();
+        client_side.read_to_end(&mut seen).await.expect("eof");
+        assert_eq!(
+            String::from_utf8_lossy(&seen),
+            "* 2 EXISTS\r\n* BYE [UNAVAILABLE] Lost the connection to the mail server, try again\r\n"
+        );
+        drop(client_side);
+        let (end, _) = relay.await.expect("join");
+        assert_eq!(end, RelayEnd::Closed);
     }
 
     #[tokio::test(start_paused = true)]
