@@ -80,6 +80,9 @@ impl fmt::Display for Secret {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+/// What a reload says of a changed setting that waits for a restart.
+pub const RESTART_CHANGE: &str = "changed; it takes effect at a restart";
+
 /// A rate written as `10/1m`: `count` events per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -723,19 +726,23 @@ impl Config {
         }
     }
 
+    /// `message` about the setting `key` (`pools.imap.health`) of this file, with the line it
+    /// is on (or, for a key the file does not have, the line of the nearest one it has).
+    pub fn at(&self, key: String, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.source.clone(),
+            line: self.key_lines.nearest_line(&key),
+            key,
+            message: message.into(),
+        }
+    }
+
     /// What `mailgate check` should tell the operator that is not an error: sections that parse
     /// but do nothing yet in this version, certificates that will be made on first start, pools
     /// that no route uses. Each as `file:line: key: text`, in line order.
     pub fn notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
-        let mut note = |key: String, text: String| {
-            notes.push(ConfigError {
-                file: self.source.clone(),
-                line: self.key_lines.nearest_line(&key),
-                key,
-                message: text,
-            });
-        };
+        let mut note = |key: String, text: String| notes.push(self.at(key, text));
         for (i, c) in self.tls.certificates.iter().enumerate() {
             if self.tls.self_signed_if_missing && !c.cert.exists() && !c.key.exists() {
                 note(
@@ -770,7 +777,7 @@ impl Config {
     /// file, in line order. The pools' settings are compared by the reload itself, which puts
     /// some of them in place; the account file and certificates always reload.
     pub fn restart_only_changes(&self, new: &Config) -> Vec<ConfigError> {
-        self.changes(new, false, "changed; it takes effect at a restart")
+        self.changes(new, false, RESTART_CHANGE)
     }
 
     /// The settings a reload puts in place: those of `new` that differ from `self` (the
@@ -914,12 +921,7 @@ impl Config {
         let mut changes: Vec<ConfigError> = keys
             .into_iter()
             .filter(|key| Self::reloads_live(key) == live)
-            .map(|key| ConfigError {
-                file: new.source.clone(),
-                line: new.key_lines.nearest_line(&key),
-                key,
-                message: message.into(),
-            })
+            .map(|key| new.at(key, message))
             .collect();
         changes.sort_by_key(|c| c.line);
         changes

@@ -33,7 +33,7 @@ use anyhow::Context as _;
 
 use crate::accounts::AccountStore;
 use crate::backend::load_client_certificate;
-use crate::config::{Config, ConfigError, LoginConfig, Protocol};
+use crate::config::{Config, ConfigError, LoginConfig, Protocol, RESTART_CHANGE};
 use crate::health;
 use crate::routing::{BackendChange, ImapLogin, Pool};
 use crate::server::{report_certificates, Context};
@@ -89,16 +89,29 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
     let mut logins = Vec::new();
     for name in config.pools.keys() {
         if !context.router.pools().any(|pool| &pool.name == name) {
-            tracing::warn!(pool = %name, "SIGHUP: pools.{name} is new; it serves from the next start");
+            let change = config.at(
+                format!("pools.{name}"),
+                "new; it serves from the next start",
+            );
+            tracing::warn!(pool = %name, "SIGHUP: {change}");
         }
     }
+    // A pool's setting that waits for a restart, named with its line in the new file.
+    let waits = |pool: &Pool, key: &str, message: &str| {
+        let change = config.at(format!("pools.{}.{key}", pool.name), message);
+        tracing::warn!(pool = %pool.name, "SIGHUP: {change}");
+    };
     for pool in context.router.pools() {
         let Some(configured) = config.pools.get(&pool.name) else {
-            tracing::warn!(pool = %pool.name, "SIGHUP: the pool is gone from the config; it serves until a restart");
+            let change = config.at(
+                format!("pools.{}", pool.name),
+                "gone from the config; the pool serves until a restart",
+            );
+            tracing::warn!(pool = %pool.name, "SIGHUP: {change}");
             continue;
         };
         if configured.health != pool.health {
-            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.health changed; it takes effect at a restart", pool.name);
+            waits(pool, "health", RESTART_CHANGE);
         }
         // A master login takes its new user and password (a rotated password_file is read
         // again); a change of mode waits for a restart, as smtp_login does.
@@ -113,15 +126,19 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
                 }
             }
             _ => {
-                tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.login mode changed; it takes effect at a restart", pool.name);
+                waits(pool, "login.mode", RESTART_CHANGE);
             }
         }
         if configured.smtp_login != pool.smtp_login {
-            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.smtp_login changed; it takes effect at a restart", pool.name);
+            waits(pool, "smtp_login", RESTART_CHANGE);
         }
         if configured.backend_tls != pool.transport.mode() {
             // New backends would be spoken to as the old ones are: the lists wait too.
-            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.backend_tls changed; it and the pool's backends take effect at a restart", pool.name);
+            waits(
+                pool,
+                "backend_tls",
+                "changed; it and the pool's backends take effect at a restart",
+            );
         } else {
             if let Some(prepared) = pool
                 .transport
@@ -139,7 +156,11 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
             continue;
         };
         let Some(files) = &configured.backend_client_certificate else {
-            tracing::warn!(pool = %pool.name, "SIGHUP: pools.{}.backend_client_certificate is gone from the config; the pool presents its certificate until a restart", pool.name);
+            waits(
+                pool,
+                "backend_client_certificate",
+                "gone from the config; the pool presents its certificate until a restart",
+            );
             continue;
         };
         let loaded = load_client_certificate(files)

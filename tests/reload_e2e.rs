@@ -592,12 +592,14 @@ fn sighup_names_each_setting_that_waits_for_a_restart_and_keeps_the_running_one(
     let pid = mailgate.pid().expect("pid");
     let port = mailgate.port("imaps");
 
-    // The operator shortens the keepalive (set on the listening sockets at start) and the
-    // idle timeout (read at each connection), and reloads.
+    // The operator shortens the keepalive (set on the listening sockets at start), the
+    // pools' health checks (started with the pool) and the idle timeout (read at each
+    // connection), and reloads.
     let edited = opts
         .clone()
         .limit("tcp_keepalive: 3s")
-        .limit("idle_timeout: 5m");
+        .limit("idle_timeout: 5m")
+        .health("{ interval: 7s, timeout: 2s, fall: 2, rise: 2 }");
     mailgate.rewrite_config(&edited);
     mailgate.signal("HUP");
     wait_for_reloads(&mailgate, 1);
@@ -609,7 +611,22 @@ fn sighup_names_each_setting_that_waits_for_a_restart_and_keeps_the_running_one(
     );
     let log = mailgate.log();
     assert_eq!(count(&log, &waits), 1, "{waits}:\n{log}");
-    assert_eq!(count(&log, "takes effect at a restart"), 1, "{log}");
+    // Each pool's, at its own `health:` line.
+    let config = mailgate.dir().join("mailgate.yaml");
+    let text = std::fs::read_to_string(&config).unwrap_or_else(|e| panic!("{e}"));
+    let health_lines: Vec<usize> = (text.lines().enumerate())
+        .filter(|(_, l)| l.trim_start().starts_with("health:"))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(health_lines.len(), 2, "{text}");
+    for (pool, line) in ["imap", "imappro"].iter().zip(&health_lines) {
+        let waits = format!(
+            "SIGHUP: {}:{line}: pools.{pool}.health: changed; it takes effect at a restart",
+            config.display()
+        );
+        assert_eq!(count(&log, &waits), 1, "{waits}:\n{log}");
+    }
+    assert_eq!(count(&log, "takes effect at a restart"), 3, "{log}");
     let live = reload_line(&mailgate, "limits", "idle_timeout", "in place now");
     assert_eq!(count(&log, &live), 1, "{live}:\n{log}");
 
@@ -640,10 +657,11 @@ m.logout()
     mailgate.signal("HUP");
     wait_for_reloads(&mailgate, 2);
     assert_eq!(count(&mailgate.log(), &waits), 2);
+    assert_eq!(count(&mailgate.log(), "takes effect at a restart"), 6);
     mailgate.rewrite_config(&opts);
     mailgate.signal("HUP");
     wait_for_reloads(&mailgate, 3);
     let log = mailgate.log();
-    assert_eq!(count(&log, "takes effect at a restart"), 2, "{log}");
+    assert_eq!(count(&log, "takes effect at a restart"), 6, "{log}");
     assert_eq!(reloads(&mailgate, "ok"), 3);
 }
