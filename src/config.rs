@@ -773,7 +773,7 @@ impl Config {
 
     /// The settings a reload cannot put in place: those of `new` that differ from `self` (the
     /// config the process started with) in the listeners, `tls.self_signed_if_missing`,
-    /// routing, `limits.tcp_keepalive` or metrics, each as `file:line: key: ...` in `new`'s
+    /// `limits.tcp_keepalive` or metrics, each as `file:line: key: ...` in `new`'s
     /// file, in line order. The pools' settings are compared by the reload itself, which puts
     /// some of them in place; the account file and certificates always reload.
     pub fn restart_only_changes(&self, new: &Config) -> Vec<ConfigError> {
@@ -781,7 +781,8 @@ impl Config {
     }
 
     /// The settings a reload puts in place: those of `new` that differ from `self` (the
-    /// config in force until now) in limits (but `tcp_keepalive`), shutdown and messages, as
+    /// config in force until now) in routing, limits (but `tcp_keepalive`), shutdown and
+    /// messages, as
     /// [`restart_only_changes`](Self::restart_only_changes) lists its own.
     pub fn live_changes(&self, new: &Config) -> Vec<ConfigError> {
         self.changes(new, true, "changed; in place now")
@@ -791,7 +792,8 @@ impl Config {
     /// place. Only what is read again at each connection, login, reply or shutdown is:
     /// `tcp_keepalive` is set on the listening sockets and the pools' connections at start.
     fn reloads_live(key: &str) -> bool {
-        key.starts_with("messages.")
+        key.starts_with("routing.")
+            || key.starts_with("messages.")
             || key.starts_with("shutdown.")
             || (key.starts_with("limits.") && key != "limits.tcp_keepalive")
     }
@@ -2117,7 +2119,6 @@ pools:
             restart(&edited),
             [
                 "t.yaml:2: listeners[0].address: changed; it takes effect at a restart",
-                "t.yaml:7: routing.default_domain: changed; it takes effect at a restart",
                 "t.yaml:17: limits.tcp_keepalive: changed; it takes effect at a restart",
                 "t.yaml:23: metrics.address: changed; it takes effect at a restart",
             ]
@@ -2125,6 +2126,7 @@ pools:
         assert_eq!(
             live(&edited),
             [
+                "t.yaml:7: routing.default_domain: changed; in place now",
                 "t.yaml:15: limits.idle_timeout: changed; in place now",
                 "t.yaml:16: limits.max_connections: changed; in place now",
                 "t.yaml:19: messages.throttled: changed; in place now",

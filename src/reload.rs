@@ -16,13 +16,16 @@
 //! spliced to it go on until they end. A pool's master user and password (`password`, or
 //! `password_file` read again) are the next login's.
 //!
-//! `limits` (but `tcp_keepalive`), `messages` and `shutdown` are in force for what comes next:
-//! a connection accepted, a login checked, a reply written, a shutdown begun. A session open
+//! `routing`, `limits` (but `tcp_keepalive`), `messages` and `shutdown` are in force for what
+//! comes next: a login routed, a connection accepted, a login checked, a reply written, a
+//! shutdown begun. A session routed before keeps its pool and backend; routing that names a
+//! pool new since the start waits for the restart (with a warning), and the running routing
+//! stays. A session open
 //! already keeps the timeouts and the attempt budget it started with, and none is closed for
 //! being over a lowered cap: the caps count it and let no new one in until it is under them.
 //! A failure budget whose rate changed starts afresh. Each setting changed is named at info.
 //!
-//! Other settings (listeners, routing, `tls.self_signed_if_missing`, `limits.tcp_keepalive`,
+//! Other settings (listeners, `tls.self_signed_if_missing`, `limits.tcp_keepalive`,
 //! new pools, a pool's `backend_tls`, login mode, `smtp_login` and health settings, metrics)
 //! take effect at the next start, and each one changed against the config the process started
 //! with is named in a warning, at every reload until then.
@@ -35,7 +38,7 @@ use crate::accounts::AccountStore;
 use crate::backend::load_client_certificate;
 use crate::config::{Config, ConfigError, LoginConfig, Protocol, RESTART_CHANGE};
 use crate::health;
-use crate::routing::{BackendChange, ImapLogin, Pool};
+use crate::routing::{BackendChange, ImapLogin, Pool, RouterError};
 use crate::server::{report_certificates, Context};
 use crate::tls;
 
@@ -167,6 +170,27 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
             .with_context(|| format!("pools.{}.backend_client_certificate", pool.name))?;
         clients.push((running, loaded));
     }
+    // The routes over the running pools; routing that names a pool new since the start waits
+    // for it (and the restart), and the routing in force stays what it is.
+    let mut config = config;
+    let routes = match context.router.prepare_routes(&config.routing) {
+        Ok(routes) => Some(routes),
+        Err(e) => {
+            let why = match e {
+                RouterError::UnknownPool(name) => {
+                    format!("names pools.{name}, new since the start")
+                }
+                other => other.to_string(),
+            };
+            let change = config.at(
+                "routing".into(),
+                format!("{why}; the routing in force stays until a restart"),
+            );
+            tracing::warn!("SIGHUP: {change}");
+            config.routing = context.current().routing.clone();
+            None
+        }
+    };
     let mut reloaded = Reloaded {
         users: store.len(),
         organisations: store.organisations_len(),
@@ -190,6 +214,9 @@ fn load_and_swap(context: &Context, path: &Path) -> anyhow::Result<Reloaded> {
     }
     for (pool, change) in &mut changes {
         pool.install_backends(change);
+    }
+    if let Some(routes) = routes {
+        context.router.install_routes(routes);
     }
     for (pool, login) in logins {
         pool.install_imap_login(login);

@@ -15,7 +15,8 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::backend::Transport;
 use crate::config::{
-    Config, HealthConfig, LoginConfig, MasterPasswordError, PoolConfig, Protocol, Secret, SmtpLogin,
+    Config, HealthConfig, LoginConfig, MasterPasswordError, PoolConfig, Protocol, RoutingConfig,
+    Secret, SmtpLogin,
 };
 use crate::health::{BackendHealth, Thresholds};
 use crate::resolver::{Resolver, SetupError};
@@ -265,13 +266,53 @@ pub struct Route {
     pub pool: Arc<Pool>,
 }
 
+/// Which pool each domain goes to (`routing:`), with the pools named in it resolved.
 #[derive(Debug)]
-pub struct Router {
+pub struct Routes {
     consumer_domains: HashSet<String>,
     default_domain: String,
     consumer_pool: Arc<Pool>,
     organisation_pool: Arc<Pool>,
     domain_pools: HashMap<String, Arc<Pool>>,
+}
+
+impl Routes {
+    /// `routing` over `pools`.
+    ///
+    /// # Errors
+    /// It names a pool `pools` does not have.
+    fn new(
+        routing: &RoutingConfig,
+        pools: &BTreeMap<String, Arc<Pool>>,
+    ) -> Result<Routes, RouterError> {
+        let find = |name: &str| {
+            pools
+                .get(name)
+                .cloned()
+                .ok_or_else(|| RouterError::UnknownPool(name.to_string()))
+        };
+        let mut domain_pools = HashMap::new();
+        for (domain, pool) in &routing.domain_pools {
+            domain_pools.insert(domain.to_ascii_lowercase(), find(pool)?);
+        }
+        Ok(Routes {
+            consumer_domains: routing
+                .consumer_domains
+                .iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
+            default_domain: routing.default_domain.to_ascii_lowercase(),
+            consumer_pool: find(&routing.consumer_pool)?,
+            organisation_pool: find(&routing.organisation_pool)?,
+            domain_pools,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Router {
+    /// Replaced whole by a reload ([`Router::install_routes`]).
+    routes: ArcSwap<Routes>,
     pools: BTreeMap<String, Arc<Pool>>,
     /// The one resolver every pool's transport shares.
     resolver: Resolver,
@@ -336,30 +377,24 @@ impl Router {
                 )),
             );
         }
-        let find = |name: &str| {
-            pools
-                .get(name)
-                .cloned()
-                .ok_or_else(|| RouterError::UnknownPool(name.to_string()))
-        };
-        let routing = &config.routing;
-        let mut domain_pools = HashMap::new();
-        for (domain, pool) in &routing.domain_pools {
-            domain_pools.insert(domain.to_ascii_lowercase(), find(pool)?);
-        }
         Ok(Router {
-            consumer_domains: routing
-                .consumer_domains
-                .iter()
-                .map(|d| d.to_ascii_lowercase())
-                .collect(),
-            default_domain: routing.default_domain.to_ascii_lowercase(),
-            consumer_pool: find(&routing.consumer_pool)?,
-            organisation_pool: find(&routing.organisation_pool)?,
-            domain_pools,
+            routes: ArcSwap::from_pointee(Routes::new(&config.routing, &pools)?),
             pools,
             resolver,
         })
+    }
+
+    /// The routes of `routing` over the running pools, for [`install_routes`](Self::install_routes).
+    ///
+    /// # Errors
+    /// It names a pool that is not running (one new in the config since the start).
+    pub fn prepare_routes(&self, routing: &RoutingConfig) -> Result<Routes, RouterError> {
+        Routes::new(routing, &self.pools)
+    }
+
+    /// Puts `routes` in force for the next login; sessions routed before stay where they are.
+    pub fn install_routes(&self, routes: Routes) {
+        self.routes.store(Arc::new(routes));
     }
 
     /// The resolver of the backends' host names (shared by every pool).
@@ -370,19 +405,20 @@ impl Router {
     /// The full lowercase address for a login name, or `None` when it cannot be an address
     /// (empty, several `@`, spaces or control characters).
     pub fn normalize(&self, login: &str) -> Option<String> {
-        normalize(login, &self.default_domain)
+        normalize(login, &self.routes.load().default_domain)
     }
 
     /// The route for a login name.
     pub fn route(&self, login: &str) -> Option<Route> {
-        let address = self.normalize(login)?;
+        let routes = self.routes.load();
+        let address = normalize(login, &routes.default_domain)?;
         let domain = address.rsplit_once('@').map(|(_, d)| d)?;
-        let pool = if let Some(pool) = self.domain_pools.get(domain) {
+        let pool = if let Some(pool) = routes.domain_pools.get(domain) {
             pool.clone()
-        } else if self.consumer_domains.contains(domain) {
-            self.consumer_pool.clone()
+        } else if routes.consumer_domains.contains(domain) {
+            routes.consumer_pool.clone()
         } else {
-            self.organisation_pool.clone()
+            routes.organisation_pool.clone()
         };
         Some(Route { address, pool })
     }
@@ -474,6 +510,33 @@ pools:
         }
         assert!(router.route("no spaces allowed").is_none());
         assert!(router.route("").is_none());
+
+        // A reload's routing over the same pools is in force for the next route.
+        let mut routing = config.routing.clone();
+        routing.default_domain = "example.com".into();
+        routing.domain_pools = [("skydesk.jp".to_string(), "imappro-2".to_string())].into();
+        let routes = router.prepare_routes(&routing).expect("routes");
+        assert_eq!(
+            router
+                .route("alice")
+                .map(|r| r.pool.name.clone())
+                .as_deref(),
+            Some("imap")
+        );
+        router.install_routes(routes);
+        let route = router.route("alice").expect("alice");
+        assert_eq!(
+            (route.address.as_str(), route.pool.name.as_str()),
+            ("alice@example.com", "imappro")
+        );
+        let route = router.route("alice@skydesk.jp").expect("alice");
+        assert_eq!(route.pool.name, "imappro-2");
+        // One that names a pool the router does not run is refused.
+        routing.organisation_pool = "new-pool".into();
+        assert!(matches!(
+            router.prepare_routes(&routing),
+            Err(RouterError::UnknownPool(name)) if name == "new-pool"
+        ));
     }
 
     fn pool(backends: &[&str]) -> Pool {

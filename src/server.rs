@@ -34,7 +34,7 @@ use crate::workers::{self, Workers};
 
 /// What every connection shares.
 pub struct Context {
-    /// The config the process started with: listeners, routing, `tls`, `metrics` and
+    /// The config the process started with: listeners, `tls`, `metrics` and
     /// `limits.tcp_keepalive` are its for as long as it runs, and a reload names what differs
     /// from it ([`Config::restart_only_changes`]).
     pub started: Config,

@@ -8,7 +8,8 @@
 //! `mailgate_backend_up` series follow the list. A rotated master password file is read at
 //! the reload, and the next login uses it. A lowered connection cap and a reworded reply are in
 //! force for the next connection and refusal, while the sessions open under the old cap go on.
-//! A changed setting that waits for a restart (`tcp_keepalive`) is named with file and line at
+//! A `domain_pools` entry added sends the next login to another pool, while a session routed
+//! before stays. A changed setting that waits for a restart (`tcp_keepalive`) is named with file and line at
 //! each reload until then, and the running one stays in force.
 
 mod common;
@@ -664,4 +665,53 @@ m.logout()
     let log = mailgate.log();
     assert_eq!(count(&log, "takes effect at a restart"), 6, "{log}");
     assert_eq!(reloads(&mailgate, "ok"), 3);
+}
+
+#[test]
+fn sighup_routes_the_next_login_by_the_new_routing_and_a_session_stays_where_it_was() {
+    // alice (skydesk.jp, the consumer pool) on A; the imappro pool on B.
+    let a = backend_with(1);
+    let b = backend_with(2);
+    let consumer = Pool::master(&[a.imap_addr()], &[], MASTER.0, MASTER.1);
+    let organisation = Pool::master(&[b.imap_addr()], &[], MASTER.0, MASTER.1);
+    let opts = MailgateOpts::new(consumer, organisation);
+    let mailgate = Mailgate::start(&opts);
+    let port = mailgate.port("imaps").to_string();
+    let inbox = || {
+        let out = run_python_args(COUNT, &[&port, USER.0, USER.1], CLIENT_TIMEOUT);
+        assert!(out.success(), "{out}\n--- mailgate ---\n{}", mailgate.log());
+        out.stdout.trim().to_string()
+    };
+    assert_eq!(inbox(), "count: OK 1");
+    let mut held =
+        common::Interactive::spawn("python3", &["-c", COUNT, &port, USER.0, USER.1, "hold"]);
+    held.expect("count: OK 1", CLIENT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n--- mailgate ---\n{}", mailgate.log()));
+
+    // The operator moves skydesk.jp to the imappro pool and reloads.
+    let mut moved = opts.clone();
+    moved.domain_pools = vec!["skydesk.jp: imappro".into()];
+    mailgate.rewrite_config(&moved);
+    mailgate.signal("HUP");
+    wait_for_reloads(&mailgate, 1);
+    let line = reload_line(&mailgate, "routing", "domain_pools", "in place now");
+    assert_eq!(
+        count(&mailgate.log(), &line),
+        1,
+        "{line}:\n{}",
+        mailgate.log()
+    );
+    assert_eq!(inbox(), "count: OK 2", "the next login goes to B");
+    // The session routed before the reload goes on on A.
+    let after = held
+        .exchange("go\n", "after:", CLIENT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(after.trim_end().ends_with("after: OK 1"), "{after}");
+
+    // Put back: A again.
+    mailgate.rewrite_config(&opts);
+    mailgate.signal("HUP");
+    wait_for_reloads(&mailgate, 2);
+    assert_eq!(inbox(), "count: OK 1");
+    assert_eq!(count(&mailgate.log(), "takes effect at a restart"), 0);
 }

@@ -113,6 +113,8 @@ pub struct MailgateOpts {
     pub accounts: PathBuf,
     /// YAML lines under `limits:` (indented by the helper).
     pub limits: Vec<String>,
+    /// `routing.domain_pools` entries (`"skydesk.jp: imappro"`); none by default.
+    pub domain_pools: Vec<String>,
     /// YAML lines under `messages:` (indented by the helper).
     pub messages: Vec<String>,
     pub drain_timeout: String,
@@ -134,6 +136,7 @@ impl MailgateOpts {
             accounts: PathBuf::from(DEMO_ACCOUNTS),
             limits: vec!["preauth_timeout: 30s".into()],
             messages: vec!["help_url: https://help.example/app-passwords".into()],
+            domain_pools: Vec::new(),
             drain_timeout: "30s".into(),
             smtp_login: "xclient".into(),
             health: "{ interval: 5s, timeout: 2s, fall: 2, rise: 2 }".into(),
@@ -352,6 +355,13 @@ impl Mailgate {
             out,
             "routing:\n  consumer_domains: [skydesk.jp]\n  default_domain: skydesk.jp\n  consumer_pool: imap\n  organisation_pool: imappro"
         );
+        if !opts.domain_pools.is_empty() {
+            let _ = writeln!(
+                out,
+                "  domain_pools: {{ {} }}",
+                opts.domain_pools.join(", ")
+            );
+        }
         let _ = writeln!(out, "pools:");
         pool_yaml(&mut out, "imap", &opts.imap, &opts.smtp_login, &opts.health);
         pool_yaml(
