@@ -714,4 +714,34 @@ fn sighup_routes_the_next_login_by_the_new_routing_and_a_session_stays_where_it_
     wait_for_reloads(&mailgate, 2);
     assert_eq!(inbox(), "count: OK 1");
     assert_eq!(count(&mailgate.log(), "takes effect at a restart"), 0);
+
+    // Routing to a pool added in the same edit waits for it: named at each reload, and the
+    // routing in force stays.
+    let mut dedicated = opts.clone();
+    dedicated.extra_pools = vec![(
+        "dedicated".into(),
+        Pool::master(&[b.imap_addr()], &[], MASTER.0, MASTER.1),
+    )];
+    dedicated.domain_pools = vec!["skydesk.jp: dedicated".into()];
+    mailgate.rewrite_config(&dedicated);
+    let config = mailgate.dir().join("mailgate.yaml");
+    let waits = format!(
+        "SIGHUP: {}:{}: routing: names pools.dedicated, new since the start; the routing in \
+         force stays until a restart",
+        config.display(),
+        line_of(&config, "routing")
+    );
+    for reload in [3, 4] {
+        mailgate.signal("HUP");
+        wait_for_reloads(&mailgate, reload);
+        let log = mailgate.log();
+        assert_eq!(count(&log, &waits), reload - 2, "{waits}:\n{log}");
+        assert_eq!(
+            count(&log, "pools.dedicated: new; it serves from the next start"),
+            reload - 2,
+            "{log}"
+        );
+        assert_eq!(inbox(), "count: OK 1", "still the routing in force");
+    }
+    assert_eq!(reloads(&mailgate, "ok"), 4);
 }

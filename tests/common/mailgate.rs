@@ -113,6 +113,8 @@ pub struct MailgateOpts {
     pub accounts: PathBuf,
     /// YAML lines under `limits:` (indented by the helper).
     pub limits: Vec<String>,
+    /// Pools besides `imap` and `imappro`, by name (for `domain_pools`); none by default.
+    pub extra_pools: Vec<(String, Pool)>,
     /// `routing.domain_pools` entries (`"skydesk.jp: imappro"`); none by default.
     pub domain_pools: Vec<String>,
     /// YAML lines under `messages:` (indented by the helper).
@@ -136,6 +138,7 @@ impl MailgateOpts {
             accounts: PathBuf::from(DEMO_ACCOUNTS),
             limits: vec!["preauth_timeout: 30s".into()],
             messages: vec!["help_url: https://help.example/app-passwords".into()],
+            extra_pools: Vec::new(),
             domain_pools: Vec::new(),
             drain_timeout: "30s".into(),
             smtp_login: "xclient".into(),
@@ -371,6 +374,9 @@ impl Mailgate {
             &opts.smtp_login,
             &opts.health,
         );
+        for (name, pool) in &opts.extra_pools {
+            pool_yaml(&mut out, name, pool, &opts.smtp_login, &opts.health);
+        }
         let _ = writeln!(out, "limits:");
         for line in &opts.limits {
             let _ = writeln!(out, "  {line}");
