@@ -40,8 +40,9 @@ pub struct Context {
     pub started: Config,
     /// The config of the last successful reload (the one it started with until then):
     /// `limits` (but `tcp_keepalive`), `messages` and `shutdown` are read from it at each
-    /// connection, login, reply and shutdown ([`Context::current`]). Its other sections are
-    /// not in force: read them from `started`.
+    /// connection, login, reply and shutdown ([`Context::current`]). Its routing is the
+    /// router's, and its pools are what the reload put in place of them; its listeners, `tls`,
+    /// `metrics` and `tcp_keepalive` are not in force: read those from `started`.
     current: ArcSwap<Config>,
     pub router: Router,
     pub auth: Authenticator,
@@ -74,9 +75,9 @@ pub fn report_certificates(metrics: &Metrics, tls: Option<&Tls>, router: &Router
 }
 
 impl Context {
-    /// The config in force: read `limits`, `messages` and `shutdown` from it (see
-    /// [`Context::current`'s field](Context)). Each call takes what the last reload put in
-    /// place; keep the result for as long as one connection's decision needs the same values.
+    /// The config in force, for its `limits`, `messages` and `shutdown`. Each call takes what
+    /// the last reload put in place; keep the result for as long as one decision needs the
+    /// same values.
     pub fn current(&self) -> Arc<Config> {
         self.current.load_full()
     }
