@@ -68,8 +68,8 @@ fn in_private_network(test: &str) -> bool {
 /// Logs in as `SPLICED` and `AWARE` and IDLEs in both. Then the spliced client's connection to
 /// mailgate goes dead (its packets dropped both ways): prints `client_gone=` the seconds until
 /// mailgate's `/metrics` shows one session fewer. Then the aware session's backend connection
-/// goes dead: prints `backend_gone=` the seconds until the client reads a line or its
-/// connection is closed, and what it read.
+/// goes dead: prints `backend_gone=` the seconds until the client reads a line (other than
+/// Dovecot's IDLE keep-alive) or its connection is closed, and what it read.
 const CLIENT: &str = r#"
 import re, socket, ssl, subprocess, sys, time, urllib.request
 imaps, metrics, pid, dovecot, give_up = sys.argv[1:6]
@@ -149,6 +149,8 @@ vanish(ports[0])
 start = time.monotonic()
 aware.settimeout(give_up)
 last = line(aware)
+while last == "* OK Still here":  # Dovecot's IDLE keep-alive, sent before the cut
+    last = line(aware)
 print("backend_gone=%.1f read=%r" % (time.monotonic() - start, last))
 print("active_after=%d" % active())
 "#;
@@ -185,17 +187,21 @@ fn a_session_whose_client_or_backend_vanished_is_freed_within_the_keepalive_boun
     assert!(out.success(), "{out}\n--- mailgate ---\n{log}");
     assert_eq!(field(&out.stdout, "active_before"), "2", "{out}");
 
-    // The keepalive's bound is 5 s from the last acknowledged byte; a second more for the
+    // The keepalive's bound is 5 s from the last acknowledged byte. Dovecot's `* OK Still
+    // here` in IDLE comes at a random point of its first interval: one sent into the dead
+    // connection just before the probes would have given up starts the retransmission
+    // clock instead (TCP_USER_TIMEOUT, 5 s more), so up to ~10 s, and a second for the
     // polling. Without keepalive the session would wait for the idle timeout.
+    let bound = 11.0;
     let client = seconds(&out.stdout, "client_gone");
-    assert!(client <= 7.0, "client: {client} s\n{out}\n{log}");
+    assert!(client <= bound, "client: {client} s\n{out}\n{log}");
     let session = |user: &str| common::line_with(&log, &format!("user={user}"));
     let spliced = session(SPLICED.0);
     assert!(spliced.contains("end=peer_timeout"), "{spliced}");
 
     assert_eq!(field(&out.stdout, "backend_connections"), "1", "{out}");
     let backend = seconds(&out.stdout, "backend_gone");
-    assert!(backend <= 7.0, "backend: {backend} s\n{out}\n{log}");
+    assert!(backend <= bound, "backend: {backend} s\n{out}\n{log}");
     // The aware relay is between responses (in IDLE): the client is told why.
     assert!(
         field(&out.stdout, "backend_gone").ends_with(
